@@ -1,0 +1,230 @@
+"""Scheme configs in the style of torchao (`quantize_(model, Int4WeightOnly(group_size=128, method="gptq"))`)
+and the preset names of llm-compressor (W4A16, W8A8, FP8_DYNAMIC, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimserve.compress.args import QuantArgs
+from slimserve.compress.errors import QuantConfigError
+
+# lm_head stays in full precision (it dominates the error for little memory) and MoE routers must keep their
+# exact logits; names are matched as plain module-name suffixes or, with the "re:" prefix, as regexes.
+DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:.*mlp\\.gate$", "re:.*router.*")
+METHODS = ("rtn", "gptq", "awq")
+
+
+@dataclass
+class GPTQOptions:
+    block_size: int = 128
+    damping: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    actorder: bool = True  # columns by descending Hessian diagonal; groups keep their original columns
+    max_damping_retries: int = 8  # Cholesky failures multiply the damping by 10, this many times at most
+
+
+@dataclass
+class AWQOptions:
+    grid: int = 20  # scale exponents alpha in [0, 1) tried per balance group
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # smallest clipping ratio tried
+    max_tokens: int = 4096  # calibration tokens kept per layer to score the scales
+    clip_tokens: int = 512
+
+
+@dataclass
+class SmoothQuantOptions:
+    alpha: float = 0.5  # migration strength: 0 keeps activations, 1 moves all range into the weights
+
+
+@dataclass
+class KVCacheConfig:
+    """Static calibrated scales for the key and value cache, one per KV head (or one per tensor)."""
+
+    type: str = "float"  # "float" (FP8 E4M3) or "int" (INT8)
+    per_head: bool = True
+
+    def args(self) -> QuantArgs:
+        return QuantArgs(8, self.type, True, "attn_head" if self.per_head else "tensor")
+
+
+@dataclass
+class QuantConfig:
+    """Everything every scheme has: the algorithm, the skipped layers, the optional KV-cache scheme."""
+
+    method: str = "rtn"
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    kv_cache: KVCacheConfig | None = None
+    smoothquant: SmoothQuantOptions | None = None
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QuantConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.ignore = tuple(self.ignore)
+        w = self.weight_args()
+        if w.type == "float" and self.method != "rtn":
+            raise QuantConfigError(f"FP8 weights are rounded to nearest; method {self.method!r} does not apply")
+        if self.method == "awq" and self.smoothquant is not None:
+            raise QuantConfigError("AWQ already balances activations and weights; drop SmoothQuant")
+
+    def weight_args(self) -> QuantArgs:
+        raise NotImplementedError
+
+    def input_args(self) -> QuantArgs | None:
+        return None
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors storage format of the quantized linear layers."""
+        w, a = self.weight_args(), self.input_args()
+        if w.type == "float":
+            return "float-quantized"
+        if a is not None and a.type == "int":
+            return "int-quantized"
+        return "pack-quantized"
+
+    @property
+    def needs_calibration(self) -> bool:
+        a = self.input_args()
+        return (
+            self.method != "rtn"
+            or self.smoothquant is not None
+            or self.kv_cache is not None
+            or (a is not None and not a.dynamic)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        a = self.input_args()
+        return {
+            "config": type(self).__name__,
+            "method": self.method,
+            "weights": self.weight_args().to_dict(),
+            "input_activations": None if a is None else a.to_dict(),
+            "format": self.format,
+            "smoothquant": None if self.smoothquant is None else self.smoothquant.alpha,
+            "kv_cache": None if self.kv_cache is None else self.kv_cache.args().to_dict(),
+            "ignore": list(self.ignore),
+        }
+
+
+def _int_weights(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
+    if group_size is not None and group_size not in (32, 64, 128):
+        raise QuantConfigError(f"group size must be 32, 64 or 128 (or none for per-channel), not {group_size}")
+    strategy = "channel" if group_size is None else "group"
+    return QuantArgs(bits, "int", symmetric, strategy, group_size)
+
+
+@dataclass
+class Int4WeightOnly(QuantConfig):
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def weight_args(self) -> QuantArgs:
+        return _int_weights(4, self.group_size, self.symmetric)
+
+
+@dataclass
+class Int8WeightOnly(QuantConfig):
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def weight_args(self) -> QuantArgs:
+        return _int_weights(8, self.group_size, self.symmetric)
+
+
+@dataclass
+class Int8DynamicActivationInt8Weight(QuantConfig):
+    """W8A8 INT8: per-channel symmetric weights, dynamic per-token activations, SmoothQuant by default."""
+
+    smoothquant: SmoothQuantOptions | None = field(default_factory=SmoothQuantOptions)
+
+    def weight_args(self) -> QuantArgs:
+        return QuantArgs(8, "int", True, "channel")
+
+    def input_args(self) -> QuantArgs:
+        return QuantArgs(8, "int", True, "token", dynamic=True)
+
+
+@dataclass
+class Float8DynamicActivationFloat8Weight(QuantConfig):
+    """FP8 W8A8 with dynamic activations: per-channel weights with per-token activations, or DeepSeek-style
+    128x128 weight blocks with per-token groups of 128 activations."""
+
+    granularity: str = "channel"  # "channel" or "block"
+
+    def weight_args(self) -> QuantArgs:
+        if self.granularity == "channel":
+            return QuantArgs(8, "float", True, "channel")
+        if self.granularity == "block":
+            return QuantArgs(8, "float", True, "block", block_structure=(128, 128))
+        raise QuantConfigError(f"FP8 granularity must be 'channel' or 'block', not {self.granularity!r}")
+
+    def input_args(self) -> QuantArgs:
+        if self.granularity == "block":
+            return QuantArgs(8, "float", True, "group", group_size=128, dynamic=True)
+        return QuantArgs(8, "float", True, "token", dynamic=True)
+
+
+@dataclass
+class Float8StaticActivationFloat8Weight(QuantConfig):
+    """FP8 W8A8 with one calibrated activation scale per layer (no per-token reductions at run time)."""
+
+    weight_granularity: str = "channel"  # "channel" or "tensor"
+
+    def weight_args(self) -> QuantArgs:
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise QuantConfigError(f"weight granularity must be 'channel' or 'tensor', not {self.weight_granularity!r}")
+        return QuantArgs(8, "float", True, self.weight_granularity)
+
+    def input_args(self) -> QuantArgs:
+        return QuantArgs(8, "float", True, "tensor")
+
+
+@dataclass
+class Int4WeightFloat8Activation(QuantConfig):
+    """W4A8: INT4 group weights (packed) with dynamic per-token FP8 activations."""
+
+    group_size: int | None = 128
+
+    def weight_args(self) -> QuantArgs:
+        return _int_weights(4, self.group_size, True)
+
+    def input_args(self) -> QuantArgs:
+        return QuantArgs(8, "float", True, "token", dynamic=True)
+
+
+# "FP8" follows the per-channel dynamic form (the one that needs no calibration); llm-compressor's static
+# per-tensor FP8 is FP8_STATIC here. "W4A8" carries FP8 activations (llm-compressor's W4AFP8).
+PRESETS: dict[str, tuple[type[QuantConfig], dict[str, Any]]] = {
+    "W4A16": (Int4WeightOnly, {"group_size": 128}),
+    "W4A16_ASYM": (Int4WeightOnly, {"group_size": 128, "symmetric": False}),
+    "W8A16": (Int8WeightOnly, {"group_size": 128}),
+    "W8A8": (Int8DynamicActivationInt8Weight, {}),
+    "FP8": (Float8DynamicActivationFloat8Weight, {"granularity": "channel"}),
+    "FP8_DYNAMIC": (Float8DynamicActivationFloat8Weight, {"granularity": "channel"}),
+    "FP8_STATIC": (Float8StaticActivationFloat8Weight, {}),
+    "FP8_BLOCK": (Float8DynamicActivationFloat8Weight, {"granularity": "block"}),
+    "W4A8": (Int4WeightFloat8Activation, {"group_size": 128}),
+}
+KV_CACHE_PRESETS: dict[str, str] = {"fp8": "float", "int8": "int"}
+
+
+def preset(name: str, **overrides: Any) -> QuantConfig:
+    """A preset by name, with dataclass fields overridden (method="gptq", group_size=64, kv_cache=..., ...)."""
+    key = name.upper()
+    if key not in PRESETS:
+        raise QuantConfigError(f"unknown scheme {name!r}; choose one of {', '.join(PRESETS)}")
+    cls, defaults = PRESETS[key]
+    unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise QuantConfigError(f"scheme {key} has no option {', '.join(unknown)}")
+    return cls(**{**defaults, **overrides})
+
+
+def kv_cache_preset(name: str) -> KVCacheConfig:
+    if name.lower() not in KV_CACHE_PRESETS:
+        raise QuantConfigError(f"unknown KV-cache scheme {name!r}; choose one of {', '.join(KV_CACHE_PRESETS)}")
+    return KVCacheConfig(KV_CACHE_PRESETS[name.lower()])

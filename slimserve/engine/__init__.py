@@ -1,0 +1,1 @@
+"""The inference engine: requests -> scheduler -> runner -> model -> sampler -> scheduler."""

@@ -1,0 +1,210 @@
+"""LLMEngine: requests in, one scheduling step at a time, outputs (with text deltas) out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from slimserve.checkpoint.resolve import resolve_model
+from slimserve.config import EngineConfig, ModelConfig, SamplingParams, parse_dtype
+from slimserve.engine.detokenizer import IncrementalDetokenizer
+from slimserve.engine.kv_cache import BlockManager
+from slimserve.engine.outputs import CompletionOutput, RequestOutput
+from slimserve.engine.runner import ModelRunner
+from slimserve.engine.scheduler import Scheduler
+from slimserve.engine.sequence import Sequence
+from slimserve.errors import PromptTooLongError, SlimserveError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    # Text deltas every step (streaming, stop strings); otherwise the text is decoded once at the end.
+    incremental: bool = True
+    num_cached_tokens: int = 0
+
+
+def _eos_token_ids(path: str, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """generation_config.json decides (as in transformers' generate); config.json and the tokenizer fill in."""
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return set([eos] if isinstance(eos, int) else eos)
+    if model_config.eos_token_ids:
+        return set(model_config.eos_token_ids)
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
+            raise SlimserveError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={self.model_config.max_position_embeddings}"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.eos_token_ids = _eos_token_ids(self.model_path, self.model_config, self.tokenizer)
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = parse_dtype(config.dtype, self.device)
+        self.runner = ModelRunner(config, self.model_config, self.model_path, self.device, self.dtype)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); max_model_len %d",
+            self.runner.num_blocks,
+            config.block_size,
+            self.runner.num_blocks * config.block_size,
+            self.runner.num_blocks * self.runner.kv_bytes_per_block / 2**30,
+            self.max_model_len,
+        )
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: bool = True
+    ) -> None:
+        if request_id in self.requests:
+            raise SlimserveError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise SlimserveError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit max_model_len={self.max_model_len} "
+                "(at least one token must be generated)"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise SlimserveError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(request_id=request_id, token_ids=ids, params=params, arrival=next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(params.seed)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        self.requests[request_id] = _Request(seq, text, detokenizer, incremental=stream or bool(params.stop))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.seq.finished:
+            self.scheduler.finish(request.seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        for seq in batch.seqs:
+            request = self.requests[seq.request_id]
+            if seq.num_output_tokens == 0 and not request.num_cached_tokens:
+                request.num_cached_tokens = seq.num_computed_tokens
+        rows, sampled = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        outputs = []
+        for j, i in enumerate(rows):
+            seq = batch.seqs[i]
+            token = sampled.token_ids[j]
+            seq.token_ids.append(token)
+            if seq.params.logprobs is not None:
+                entry = {token: sampled.logprobs[j]}
+                entry.update(sampled.top_logprobs[j] or {})
+                seq.logprobs.append(entry)
+            seq.cumulative_logprob += sampled.logprobs[j]
+            outputs.append(self._advance(seq, token))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+        request = self.requests[seq.request_id]
+        params = seq.params
+        delta = request.detokenizer.add(token) if request.incremental else ""
+        reason, stop_reason = None, None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif params.stop:
+            reason, stop_reason, delta = self._check_stop_strings(request, delta)
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if stop_reason is None or isinstance(stop_reason, int):
+                delta += self._flush_text(request)
+            self.scheduler.finish(seq, reason)
+            seq.stop_reason = stop_reason
+            del self.requests[seq.request_id]
+        return self._output(request, delta, [token])
+
+    @staticmethod
+    def _check_stop_strings(request: _Request, delta: str) -> tuple[str | None, str | None, str]:
+        """A stop string ends the output just before it (and is not returned)."""
+        detok = request.detokenizer
+        longest = max(len(s) for s in request.seq.params.stop)
+        search_from = max(0, len(detok.text) - len(delta) - longest + 1)
+        hits = [(detok.text.find(s, search_from), s) for s in request.seq.params.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return None, None, delta
+        pos, stop = min(hits)
+        emitted_before = len(detok.text) - len(delta)
+        detok.text = detok.text[:pos]
+        return "stop", stop, detok.text[emitted_before:]
+
+    def _flush_text(self, request: _Request) -> str:
+        """At the end, decode all output tokens at once; emit whatever the incremental decoder held back."""
+        detok = request.detokenizer
+        full = self.tokenizer.decode(request.seq.output_token_ids, skip_special_tokens=True)
+        tail = full[len(detok.text) :] if full.startswith(detok.text) else ""
+        detok.text += tail
+        return tail
+
+    def _output(self, request: _Request, delta: str, new_ids: list[int]) -> RequestOutput:
+        seq = request.seq
+        completion = CompletionOutput(
+            index=0,
+            text=request.detokenizer.text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[completion],
+            finished=seq.finished,
+            new_text=delta,
+            new_token_ids=new_ids,
+            num_cached_tokens=request.num_cached_tokens,
+        )

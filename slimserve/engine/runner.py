@@ -1,0 +1,238 @@
+"""Model runner: owns the model and the KV cache, turns a scheduled batch into flat tensors, runs the
+forward pass (replaying a captured CUDA graph for decode-only steps) and samples the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from slimserve.checkpoint.hf_folder import iter_safetensors
+from slimserve.config import EngineConfig, ModelConfig
+from slimserve.engine.scheduler import ScheduledBatch
+from slimserve.layers.attention import AttentionMetadata
+from slimserve.layers.sampler import Sampler, SamplerOutput
+from slimserve.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        model_path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        with torch.device(device), _default_dtype(dtype):
+            self.model = model_class(model_config)(model_config)
+        self.model.load_weights(iter_safetensors(model_path, device, dtype))
+        self.model.eval()
+        self.sampler = Sampler(config.seed, device)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.num_blocks = self._plan_kv_cache()
+        self.max_model_len = min(self.max_model_len, self.num_blocks * self.block_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not config.enforce_eager:
+            self._capture_cuda_graphs()
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def _plan_kv_cache(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type != "cuda":
+            # No memory probe on the CPU: a fixed budget, never more than the batch could ever use.
+            most = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+            return max(1, min(CPU_KV_CACHE_BYTES // self.kv_bytes_per_block, most))
+        peak = self._profile_peak_memory()
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_allocated(self.device)
+        available = total * self.config.gpu_memory_utilization - non_torch - peak
+        num_blocks = int(available // self.kv_bytes_per_block)
+        if num_blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+        return num_blocks
+
+    def _profile_peak_memory(self) -> int:
+        """Peak memory of the largest step (a full token budget, logits for max_num_seqs rows)."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._allocate_kv_cache(num_blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.int32, device=self.device)
+        positions = torch.arange(num_tokens, dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=positions,
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            max_seqlen_q=num_tokens,
+        )
+        with torch.inference_mode():
+            hidden = self.model(ids, positions, meta)
+            rows = min(self.config.max_num_seqs, num_tokens)
+            self.model.compute_logits(hidden[:rows]).float().softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_cache = None
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
+        cfg = self.model_config
+        num_blocks = num_blocks or self.num_blocks
+        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- batch preparation -------------------------------------------------------------------------
+    def _prepare(self, batch: ScheduledBatch) -> tuple[list[int], list[list[int]], list[int]]:
+        """Flat host lists: [ids, positions, slots, seq_lens, cu_seqlens], block tables, sample rows."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        cu = [0]
+        sample_rows: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            table = seq.block_table
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            cu.append(cu[-1] + n)
+            if end == len(seq.token_ids):
+                sample_rows.append(len(seq_lens) - 1)
+        return [ids, positions, slots, seq_lens, cu], [s.block_table for s in batch.seqs], sample_rows
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.int32)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    # ---- forward -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
+        """Run one step. Returns the indices (into batch.seqs) of the sequences that got a new token, and
+        the sampler's output for them."""
+        (ids, positions, slots, seq_lens, cu), tables, sample_rows = self._prepare(batch)
+        width = max(len(t) for t in tables)
+        flat_tables = [b for t in tables for b in (t + [0] * (width - len(t)))]
+        n_tok, n_seq = len(ids), len(seq_lens)
+        packed = self._to_device(ids + positions + slots + seq_lens + cu + flat_tables)
+        parts = packed.split([n_tok, n_tok, n_tok, n_seq, n_seq + 1, n_seq * width])
+        block_tables = parts[5].view(n_seq, width)
+        graph_bs = self._graph_batch_size(batch)
+        if graph_bs is not None:
+            logits = self._replay(graph_bs, parts, block_tables)[sample_rows]
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=parts[2],
+                cu_seqlens_q=parts[4],
+                seq_lens=parts[3],
+                block_tables=block_tables,
+                max_seqlen_q=max(batch.num_new_tokens),
+            )
+            hidden = self.model(parts[0], parts[1], meta)
+            last_tokens = torch.tensor([cu[i + 1] - 1 for i in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[last_tokens])
+        if not sample_rows:
+            return [], None
+        seqs = [batch.seqs[i] for i in sample_rows]
+        out = self.sampler(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.output_token_ids for s in seqs],
+        )
+        return sample_rows, out
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------------
+    def _graph_batch_size(self, batch: ScheduledBatch) -> int | None:
+        if not self.graphs or not batch.is_decode_only:
+            return None
+        return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
+
+    def _capture_cuda_graphs(self) -> None:
+        max_bs = max(cuda_graph_batch_sizes(self.config.max_num_seqs))
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_positions = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.int32, device=dev)
+        self.g_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for bs in reversed(cuda_graph_batch_sizes(self.config.max_num_seqs)):
+            meta = AttentionMetadata(
+                slot_mapping=self.g_slots[:bs],
+                cu_seqlens_q=self.g_cu[: bs + 1],
+                seq_lens=self.g_seq_lens[:bs],
+                block_tables=self.g_tables[:bs],
+                max_seqlen_q=1,
+            )
+
+            def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:
+                hidden = self.model(self.g_ids[:bs], self.g_positions[:bs], meta)
+                return self.model.compute_logits(hidden)
+
+            step()  # warm up: compiles the Triton kernels for this shape outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.g_logits[bs] = step()
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, graph_bs: int, parts: tuple[torch.Tensor, ...], block_tables: torch.Tensor) -> torch.Tensor:
+        n = parts[0].shape[0]
+        self.g_ids[:n].copy_(parts[0])
+        self.g_positions[:n].copy_(parts[1])
+        self.g_slots[:n].copy_(parts[2])
+        self.g_slots[n:graph_bs].fill_(-1)
+        self.g_seq_lens[:n].copy_(parts[3])
+        self.g_seq_lens[n:graph_bs].fill_(0)
+        self.g_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        self.graphs[graph_bs].replay()
+        return self.g_logits[graph_bs][:n]

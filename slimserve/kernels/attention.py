@@ -1,0 +1,434 @@
+"""Paged attention and KV-cache writes in Triton, beside the plain-torch references in attention_ref.py.
+
+Two attention paths share one inner loop (online softmax in fp32, K/V gathered token by token through the
+block table, so a key tile may span several cache blocks):
+- prefill: one program per (tile of BLOCK_M queries, sequence, query head); handles chunked prefill over a
+  cached prefix and mixed batches, with the causal mask applied only on the diagonal tiles;
+- decode (every sequence has at most one new token): one program per (sequence, kv head, split). The query
+  heads of a GQA group share the program, packed into the M dimension of the dot, so each K/V tile is read
+  once per kv head. Long contexts are split over several programs (flash-decoding) and merged by a small
+  reduce kernel; the number of splits depends only on host-known shapes, so CUDA-graph replays stay valid.
+"""
+
+import functools
+import os
+
+import torch
+
+from slimserve.kernels.attention_ref import paged_attention_ref, store_kv_ref
+from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_kv_kernel(
+        k_ptr,
+        v_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_ptr,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        num_kv_heads,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :] & (slot >= 0)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+        dst += offs_h[:, None] * stride_ch + offs_d[None, :]
+        k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        # The CPU interpreter keeps bf16 as raw integers and cannot multiply them; on a GPU UPCAST is off.
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def _attend(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_ptr,
+        kv_head_off,
+        stride_cb,
+        stride_cs,
+        lo,
+        hi,
+        seq_len,
+        qk_scale,
+        MASKED: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Online-softmax accumulation of keys lo..hi (multiples of BLOCK_N apart) into acc, l_i, m_i.
+
+        Scores are in log2 units (qk_scale includes log2(e)). Unmasked calls must cover only keys that every
+        query row may see and that exist, which lets the compiler drop all key masks there."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            if MASKED:
+                n_mask = offs_n < seq_len
+            else:
+                n_mask = tl.full([BLOCK_N], 1, tl.int1)
+            block = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            kv_off = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_off
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            if MASKED:
+                visible = n_mask[None, :]
+                if CAUSAL:
+                    visible = visible & (offs_n[None, :] <= q_pos[:, None])
+                qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        out_ptr,
+        cu_q_ptr,
+        seq_lens_ptr,
+        tables_ptr,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        stride_table,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+        q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+        m0 = tile * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = (q_start + offs_m).to(tl.int64)
+        io_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+        # The queries are the last q_len tokens of the sequence: query i sits at position seq_len - q_len + i.
+        first_pos = seq_len - q_len + m0
+        q_pos = first_pos + tl.arange(0, BLOCK_M)
+        # Keys past the tile's last query are never visible; tiles past this sequence's queries do nothing.
+        hi = tl.where(m0 < q_len, tl.minimum(first_pos + BLOCK_M, seq_len), 0)
+        # Keys up to the tile's first query are visible to all its rows: no mask needed there.
+        full = tl.minimum(tl.maximum(first_pos + 1, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0))
+
+        table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
+        kv_head_off = (head // GROUP) * stride_ch
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
+                                stride_cb, stride_cs, 0, full, seq_len, qk_scale, False, True,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
+                                stride_cb, stride_cs, full, hi, seq_len, qk_scale, True, True,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        # Padding sequences (seq_len 0) saw no key: l = 0, acc = 0, and they write zeros.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        dst = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        out_ptr,
+        part_o_ptr,
+        part_lse_ptr,
+        cu_q_ptr,
+        seq_lens_ptr,
+        tables_ptr,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        stride_table,
+        num_heads,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
+        has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
+        seq_len = tl.where(has_query, tl.load(seq_lens_ptr + seq).to(tl.int32), 0)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        io_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+
+        # This split's keys: an equal share of the sequence's key tiles.
+        split_len = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        lo = split * split_len
+        hi = tl.maximum(tl.minimum(lo + split_len, seq_len), lo)
+        full = tl.maximum(hi // BLOCK_N * BLOCK_N, lo)
+
+        table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
+        kv_head_off = kv_head * stride_ch
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, offs_g, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
+                                stride_cb, stride_cs, lo, full, seq_len, qk_scale, False, False,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, offs_g, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
+                                stride_cb, stride_cs, full, hi, seq_len, qk_scale, True, False,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        if NUM_SPLITS == 1:
+            dst = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask & has_query)
+        else:
+            # Partial results [seq, head, split, :] and their log2-sum-exp, merged by _reduce_splits_kernel.
+            part = (seq * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
+            tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=offs_g < GROUP)
+
+    @triton.jit
+    def _reduce_splits_kernel(
+        part_o_ptr,
+        part_lse_ptr,
+        out_ptr,
+        cu_q_ptr,
+        stride_ot,
+        stride_oh,
+        NUM_SPLITS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
+        has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < NUM_SPLITS
+        d_mask = offs_d < HEAD_DIM
+        part = (seq * tl.num_programs(1) + head).to(tl.int64) * NUM_SPLITS + offs_s
+        lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+        # Empty splits have lse = -inf and weigh nothing; a padding sequence has only those and gets zeros.
+        lse_max = tl.max(lse, 0)
+        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+        total = tl.sum(weight, 0)
+        weight = weight / tl.where(total == 0.0, 1.0, total)
+        o_mask = s_mask[:, None] & d_mask[None, :]
+        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+        out = tl.sum(o * weight[:, None], 0)
+        dst = out_ptr + q_row * stride_ot + head * stride_oh + offs_d
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask & has_query)
+
+
+# Triton's interpreter replaces the kernels when this is set (it must be set before this module is imported).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def store_kv_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Same contract as store_kv_ref: one program per token writes its k and v; slot < 0 is skipped."""
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert k.stride(-1) == 1 and v.stride(-1) == 1
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits of the key range per (sequence, kv head) in the decode path, from host-known shapes only.
+
+    Enough programs to fill the GPU twice over, but no split shorter than 256 keys of the longest context the
+    block table can address (for a CUDA graph that is the capture-time width, so replays stay valid)."""
+    programs = num_seqs * num_kv_heads
+    wanted = triton.cdiv(2 * _sm_count(device), programs)
+    return max(1, min(wanted, triton.cdiv(max_context, 256), 64))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Same contract as paged_attention_ref, plus max_seqlen_q (host int, >= every sequence's q_len): it sizes
+    the prefill grid, and 1 selects the decode path. block_m, block_n and num_splits override the tile
+    sizes and the decode split count (tests and tuning). Output rows past cu_seqlens_q[-1] are left unset."""
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
+    num_seqs = seq_lens.shape[0]
+    num_heads = q.shape[1]
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    group = num_heads // num_kv_heads
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
+    qk_scale = scale * _LOG2E
+    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=_INTERPRETED)
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+
+    if max_seqlen_q > 1:
+        block_m = block_m or 128
+        block_n = block_n or 64
+        grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
+        _prefill_kernel[grid](
+            q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, qk_scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, **common,
+            num_warps=8 if head_dim > 64 else 4, num_stages=3,
+        )  # fmt: skip
+        return out
+
+    block_n = block_n or 64
+    if num_splits is None:
+        num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    # The M dimension of a dot is at least 16: pad the group of query heads.
+    block_g = max(triton.next_power_of_2(group), 16)
+    if num_splits > 1:
+        part_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # not touched when NUM_SPLITS is 1
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, qk_scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
+        GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, NUM_SPLITS=num_splits, **common,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            part_o, part_lse, out, cu_seqlens_q, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if use_triton(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    max_seqlen_q: int | None = None,
+) -> torch.Tensor:
+    """paged_attention_ref's contract. max_seqlen_q (host int) sizes the Triton grid; without it every query
+    row is assumed to be possibly one sequence's, which is correct but slower."""
+    if use_triton(q):
+        bound = q.shape[0] if max_seqlen_q is None else max_seqlen_q
+        return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, bound)
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)

@@ -1,0 +1,1 @@
+"""Building blocks of the engine's models: linear layers, attention, rotary embedding, norms, sampler."""

@@ -1,0 +1,1 @@
+"""Model families of the engine, looked up by the Hugging Face `architectures` name."""

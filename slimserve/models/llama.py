@@ -1,0 +1,182 @@
+"""The Llama family as one model: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k norm).
+
+Input is a flat batch of tokens from many sequences (no padding); attention finds each token's
+sequence and its KV blocks through AttentionMetadata.
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from slimserve.config import ModelConfig
+from slimserve.errors import CheckpointError
+from slimserve.kernels.activation import silu_and_mul
+from slimserve.layers.attention import AttentionMetadata, PagedAttention
+from slimserve.layers.linear import Linear
+from slimserve.layers.norm import RMSNorm
+from slimserve.layers.rotary import RotaryEmbedding
+
+# Hugging Face projection name -> (our fused module, shard index).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.qkv_proj = Linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, [cfg.hidden_size])
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.contiguous(), meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next norm: each norm returns (normed, new residual).
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] after the final norm."""
+        x = nn.functional.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.lm_head)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the model; every parameter (every shard of a fused one)
+        must be filled."""
+        expected = set()
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                for param_name, _ in module.named_parameters(recurse=False):
+                    expected |= {f"{name}.{param_name}#{i}" for i in range(len(module.shard_sizes))}
+        linear_params = {key.split("#")[0] for key in expected}
+        expected |= {n for n, _ in self.named_parameters() if n not in linear_params}
+        if self.config.tie_word_embeddings:
+            expected.discard("lm_head")
+        for name, tensor in tensors:
+            expected.discard(self._load_one(name, tensor))
+        if expected:
+            raise CheckpointError(f"checkpoint lacks {len(expected)} tensors, e.g. {sorted(expected)[0]}")
+
+    def _load_one(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Load one tensor; returns the key of what it filled (None for tensors that are not needed)."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        short = name.removeprefix("model.")
+        if short == "embed_tokens.weight":
+            return self._copy(name, "embed_tokens", self.embed_tokens, tensor)
+        if short == "lm_head.weight":
+            if self.config.tie_word_embeddings:
+                return None  # some tied checkpoints still store the head; it equals the embedding
+            return self._copy(name, "lm_head", self.lm_head, tensor)
+        if short == "norm.weight":
+            return self._copy(name, "norm.weight", self.norm.weight, tensor)
+        parts = short.split(".")  # layers.{i}.{self_attn|mlp|...}.{...}.{weight|bias}
+        if parts[0] != "layers" or len(parts) < 4 or not parts[1].isdigit():
+            raise CheckpointError(f"{name}: unexpected tensor for {self.config.architecture}")
+        layer_index = int(parts[1])
+        if layer_index >= len(self.layers):
+            raise CheckpointError(f"{name}: layer {layer_index} beyond num_hidden_layers={len(self.layers)}")
+        prefix = f"layers.{layer_index}."
+        if len(parts) == 5 and parts[3] in _FUSED:
+            fused, shard = _FUSED[parts[3]]
+            path = f"{parts[2]}.{fused}"
+            self.layers[layer_index].get_submodule(path).load_shard(name, parts[4], tensor, shard)
+            return f"{prefix}{path}.{parts[4]}#{shard}"
+        local = ".".join(parts[2:])
+        try:
+            module_path, param_name = local.rsplit(".", 1)
+            module = self.layers[layer_index].get_submodule(module_path)
+        except (AttributeError, ValueError):
+            raise CheckpointError(f"{name}: unexpected tensor for {self.config.architecture}") from None
+        if isinstance(module, Linear):
+            module.load_shard(name, param_name, tensor)
+            return f"{prefix}{local}#0"
+        param = getattr(module, param_name, None)
+        if not isinstance(param, nn.Parameter):
+            raise CheckpointError(f"{name}: unexpected tensor for {self.config.architecture}")
+        return self._copy(name, prefix + local, param, tensor)
+
+    @staticmethod
+    def _copy(name: str, target: str, param: torch.Tensor, tensor: torch.Tensor) -> str:
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{name}: dtype {tensor.dtype}, expected a floating-point tensor")
+        param.data.copy_(tensor)
+        return target

@@ -1,0 +1,103 @@
+"""Tiny random models built from the configs of real checkpoints (their rope, norm, bias, tying and
+attention layouts; only the sizes shrunk), saved as Hugging Face folders with a small tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 512
+_SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Per family: the model type and the fields of the real config that change the computation.
+FAMILIES: dict[str, dict] = {
+    "llama2": dict(model_type="llama", num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "llama3.1": dict(
+        model_type="llama",
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    "llama3.2": dict(
+        model_type="llama",
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        head_dim=32,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    "mistral": dict(
+        model_type="mistral", num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None
+    ),
+    "qwen2.5": dict(
+        model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True
+    ),
+    "qwen3": dict(
+        model_type="qwen3",
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        head_dim=32,
+        tie_word_embeddings=True,
+    ),
+    "mqa": dict(model_type="llama", num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}",
+    )
+
+
+def build_tiny_model(family: str, folder: str, seed: int = 0) -> str:
+    """Write a random model of `family` into `folder` (HF layout) and return the folder."""
+    fields = dict(FAMILIES[family])
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **_SMALL, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    # Larger weights than the default init, so that logits are far apart and greedy choices are stable.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.15)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
