@@ -3,11 +3,9 @@ attention layouts; only the sizes shrunk), saved as Hugging Face folders with a 
 
 from __future__ import annotations
 
-import os
+from transformers import AutoConfig
 
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from slimserve.checkpoint.random_model import save_random_model
 
 VOCAB = 512
 _SMALL = dict(
@@ -70,34 +68,9 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}assistant {% endif %}",
-    )
-
-
 def build_tiny_model(family: str, folder: str, seed: int = 0) -> str:
     """Write a random model of `family` into `folder` (HF layout) and return the folder."""
     fields = dict(FAMILIES[family])
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **_SMALL, **fields)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    # Larger weights than the default init, so that logits are far apart and greedy choices are stable.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.15)
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_random_model(config, folder, std=0.15, seed=seed)

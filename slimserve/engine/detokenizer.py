@@ -26,7 +26,8 @@ class IncrementalDetokenizer:
     _read_offset: int = 0
 
     def __post_init__(self) -> None:
-        self._ids = list(self.prompt_ids[-_CONTEXT_TOKENS:])
+        self._context = list(self.prompt_ids[-_CONTEXT_TOKENS:])
+        self._ids = list(self._context)
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
@@ -44,3 +45,8 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self.text += delta
         return delta
+
+    def full_text(self, output_ids: list[int]) -> str:
+        """All of the output decoded at once, after the same prompt context as the incremental path."""
+        context = self._decode(self._context)
+        return self._decode(self._context + output_ids)[len(context) :]

@@ -182,7 +182,7 @@ class LLMEngine:
     def _flush_text(self, request: _Request) -> str:
         """At the end, decode all output tokens at once; emit whatever the incremental decoder held back."""
         detok = request.detokenizer
-        full = self.tokenizer.decode(request.seq.output_token_ids, skip_special_tokens=True)
+        full = detok.full_text(request.seq.output_token_ids)
         tail = full[len(detok.text) :] if full.startswith(detok.text) else ""
         detok.text += tail
         return tail

@@ -46,7 +46,10 @@ if HAS_TRITON:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :] & (slot >= 0)
+        # A padding token (slot < 0) writes no head. Scalar conditions enter masks as bounds: the CPU
+        # interpreter mishandles a scalar boolean broadcast into a block mask.
+        heads = tl.where(slot >= 0, num_kv_heads, 0)
+        mask = (offs_h < heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
         dst += offs_h[:, None] * stride_ch + offs_d[None, :]
         k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
@@ -164,7 +167,7 @@ if HAS_TRITON:
         # Keys past the tile's last query are never visible; tiles past this sequence's queries do nothing.
         hi = tl.where(m0 < q_len, tl.minimum(first_pos + BLOCK_M, seq_len), 0)
         # Keys up to the tile's first query are visible to all its rows: no mask needed there.
-        full = tl.minimum(tl.maximum(first_pos + 1, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0))
+        full = tl.minimum(tl.maximum(first_pos + 2, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0))
 
         table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
         kv_head_off = (head // GROUP) * stride_ch
@@ -221,7 +224,8 @@ if HAS_TRITON:
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         heads = kv_head * GROUP + offs_g
-        io_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        # A sequence without a new token owns no output row (its q_row is the next sequence's).
+        io_mask = (offs_g < tl.where(has_query, GROUP, 0))[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
 
         # This split's keys: an equal share of the sequence's key tiles.
@@ -245,12 +249,12 @@ if HAS_TRITON:
         out = acc / l_safe[:, None]
         if NUM_SPLITS == 1:
             dst = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-            tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask & has_query)
+            tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
         else:
             # Partial results [seq, head, split, :] and their log2-sum-exp, merged by _reduce_splits_kernel.
             part = (seq * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
             tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
-            tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=offs_g < GROUP)
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=offs_g < tl.where(has_query, GROUP, 0))
 
     @triton.jit
     def _reduce_splits_kernel(
@@ -284,7 +288,7 @@ if HAS_TRITON:
         o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
         out = tl.sum(o * weight[:, None], 0)
         dst = out_ptr + q_row * stride_ot + head * stride_oh + offs_d
-        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask & has_query)
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(has_query, HEAD_DIM, 0))
 
 
 # Triton's interpreter replaces the kernels when this is set (it must be set before this module is imported).
