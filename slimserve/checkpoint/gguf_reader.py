@@ -110,8 +110,9 @@ class GGUFCheckpoint:
         except (ValueError, NotImplementedError) as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {info.gguf_name} ({e})") from e
         array = np.array(array, dtype=np.float32)  # a copy: F32 data is a read-only view of the file
-        if self.family.permute_qk and info.gguf_name.split(".")[2] in ("attn_q", "attn_k"):
-            heads_key = "num_attention_heads" if ".attn_q." in info.gguf_name else "num_key_value_heads"
+        module = info.gguf_name.split(".")[-2]
+        if self.family.permute_qk and module in ("attn_q", "attn_k"):
+            heads_key = "num_attention_heads" if module == "attn_q" else "num_key_value_heads"
             array = _undo_rotary_interleave(array, self.config[heads_key])
         if self.family.norm_offset and info.hf_name.endswith("norm.weight"):
             array -= np.float32(self.family.norm_offset)

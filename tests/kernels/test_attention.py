@@ -70,7 +70,7 @@ def check(batch: dict, seed: int, **overrides) -> None:
 
 # Pure prefill (odd length), prefill after a cached prefix, decode rows inside a prefill batch, a prompt of
 # exactly one tile, and a padding sequence.
-PREFILL_MIX = [(19, 19), (5, 37), (1, 23), (16, 16), (2, 0)]
+PREFILL_MIX = [(19, 19), (20, 50), (5, 37), (1, 23), (16, 16), (2, 0)]
 
 
 @pytest.mark.parametrize(
