@@ -40,7 +40,7 @@ def save_random_model(
     greedy choices are not near-ties."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if std is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -101,8 +101,6 @@ def apply_rotary_triton(
     half = head_dim // 2
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if num_tokens == 0:
-        return q_out, k_out
     _rotary_kernel[(num_tokens,)](
         q,
         k,

@@ -92,7 +92,7 @@ def test_prefill_head_dims(head_dim: int) -> None:
 
 
 def test_prefill_tile_spans_blocks_and_default_tiles() -> None:
-    # The default tiles (128 x 64) are larger than both the prompt and a cache block.
+    # The default tiles (64 x 64) are larger than the second prompt and than a cache block.
     gen, seed = make_generator()
     check(make_batch([(40, 70), (3, 3)], 2, 1, 64, 16, torch.float32, gen), seed)
 
