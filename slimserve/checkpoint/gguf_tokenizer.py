@@ -20,12 +20,12 @@ if TYPE_CHECKING:
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL, USER_DEFINED = 3, 4
 
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Llama 3 and Qwen2 split text alike (contractions, words, numbers, punctuation runs, newlines, other spaces)
+# except for numbers: Llama 3 keeps up to three digits together, Qwen2 splits every digit.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_PUNCTUATION_AND_SPACES = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = _WORDS + r"\p{N}{1,3}" + _PUNCTUATION_AND_SPACES
+_QWEN2_SPLIT = _WORDS + r"\p{N}" + _PUNCTUATION_AND_SPACES
 _SPLIT_PATTERNS = {
     "llama-bpe": _LLAMA3_SPLIT,
     "llama3": _LLAMA3_SPLIT,
@@ -50,13 +50,19 @@ def build_tokenizer(ckpt: GGUFCheckpoint) -> PreTrainedTokenizerFast:
     if kind == "gpt2":
         backend = _byte_level(ckpt, tokens)
     elif kind == "llama":
+        # Some converters write pieces made only of spaces with real spaces; the normalizer turns spaces into '▁'.
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
         backend = _sentencepiece(ckpt, tokens, token_types)
     else:
         raise CheckpointError(f"{ckpt.path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    # Control tokens match the raw text. User-defined pieces match whole, and SentencePiece looks for them in the
+    # normalized text, where spaces are already '▁'.
     control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, token_types) if k == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == USER_DEFINED]
     backend.add_special_tokens(control)
-    backend.add_tokens(user)
+    normalized = kind == "llama"
+    backend.add_tokens(
+        [AddedToken(t, special=False, normalized=normalized) for t, k in zip(tokens, token_types) if k == USER_DEFINED]
+    )
 
     def special(key: str) -> str | None:
         index = ckpt.metadata(f"tokenizer.ggml.{key}_token_id")
@@ -94,11 +100,13 @@ def _merges(ckpt: GGUFCheckpoint) -> list[tuple[str, str]] | None:
     merges = ckpt.metadata("tokenizer.ggml.merges")
     if merges is None:
         return None
-    pairs = [tuple(merge.split(" ")) for merge in merges]
-    for pair, merge in zip(pairs, merges):
-        if len(pair) != 2:
+    pairs = []
+    for merge in merges:
+        parts = merge.split(" ")
+        if len(parts) != 2:
             raise CheckpointError(f"{ckpt.path}: malformed merge {merge!r} in tokenizer.ggml.merges")
-    return pairs  # type: ignore[return-value]
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def _byte_level(ckpt: GGUFCheckpoint, tokens: list[str]) -> Tokenizer:
@@ -131,8 +139,6 @@ def _byte_level(ckpt: GGUFCheckpoint, tokens: list[str]) -> Tokenizer:
 
 def _sentencepiece(ckpt: GGUFCheckpoint, tokens: list[str], token_types: list[int]) -> Tokenizer:
     """SentencePiece BPE with byte fallback: spaces become '▁' and unknown characters their UTF-8 bytes."""
-    # Some converters write pieces made only of spaces with real spaces; the normalizer turns spaces into '▁'.
-    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
     vocab = _vocab(tokens)
     merges = _merges(ckpt) or _merges_from_vocab(tokens, token_types, vocab)
     unk_id = ckpt.metadata("tokenizer.ggml.unknown_token_id")
@@ -140,9 +146,7 @@ def _sentencepiece(ckpt: GGUFCheckpoint, tokens: list[str], token_types: list[in
     backend = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     steps: list[Any] = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if ckpt.metadata("tokenizer.ggml.add_space_prefix", True):
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-        )
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         steps.append(decoders.Strip(" ", 1, 0))
     else:
         backend.normalizer = normalizers.Replace(" ", "\u2581")
@@ -169,7 +173,9 @@ def _merges_from_vocab(tokens: list[str], token_types: list[int], vocab: dict[st
 
 def _template(bos: str | None, eos: str | None, backend: Tokenizer) -> processors.TemplateProcessing:
     def sequence(piece: str, type_id: int) -> str:
-        return " ".join([*([f"{bos}:{type_id}"] if bos else []), f"{piece}:{type_id}", *([f"{eos}:{type_id}"] if eos else [])])
+        return " ".join(
+            [*([f"{bos}:{type_id}"] if bos else []), f"{piece}:{type_id}", *([f"{eos}:{type_id}"] if eos else [])]
+        )
 
     specials = [(token, backend.token_to_id(token)) for token in {bos, eos} if token]
     return processors.TemplateProcessing(
