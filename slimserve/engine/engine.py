@@ -68,7 +68,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.model_path, self.device, self.dtype)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+        decode_steps = config.num_decode_steps or (8 if self.device.type == "cuda" else 1)
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         logger.info(
@@ -126,21 +127,32 @@ class LLMEngine:
             request = self.requests[seq.request_id]
             if seq.num_output_tokens == 0 and not request.num_cached_tokens:
                 request.num_cached_tokens = seq.num_computed_tokens
-        rows, sampled = self.runner.execute(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+        result = self.runner.execute(batch)
+        if batch.num_steps == 1:
+            # Register computed blocks before the new token lands: a prefill's blocks are shareable even
+            # if the request finishes right away.
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+                self.block_manager.register_full_blocks(seq)
         outputs = []
-        for j, i in enumerate(rows):
+        for j, i in enumerate(result.rows):
             seq = batch.seqs[i]
-            token = sampled.token_ids[j]
-            seq.token_ids.append(token)
-            if seq.params.logprobs is not None:
-                entry = {token: sampled.logprobs[j]}
-                entry.update(sampled.top_logprobs[j] or {})
-                seq.logprobs.append(entry)
-            seq.cumulative_logprob += sampled.logprobs[j]
-            outputs.append(self._advance(seq, token))
+            for step, token in enumerate(result.token_ids[j]):
+                seq.token_ids.append(token)
+                if result.logprobs is not None:
+                    logprob = result.logprobs[j][step]
+                    seq.cumulative_logprob += logprob
+                    if seq.params.logprobs is not None:
+                        entry = {token: logprob}
+                        if result.top_logprobs is not None:
+                            entry.update(list(result.top_logprobs[j][step].items())[: seq.params.logprobs])
+                        seq.logprobs.append(entry)
+                outputs.append(self._advance(seq, token))
+                if seq.finished:
+                    break
+            if batch.num_steps > 1 and not seq.finished:
+                seq.num_computed_tokens += batch.num_steps
+                self.block_manager.register_full_blocks(seq)
         return outputs
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:
@@ -193,7 +205,7 @@ class LLMEngine:
             index=0,
             text=request.detokenizer.text,
             token_ids=list(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob,
+            cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -12,12 +13,23 @@ from slimserve.checkpoint.hf_folder import iter_safetensors
 from slimserve.config import EngineConfig, ModelConfig
 from slimserve.engine.scheduler import ScheduledBatch
 from slimserve.layers.attention import AttentionMetadata
-from slimserve.layers.sampler import Sampler, SamplerOutput
+from slimserve.layers.sampler import SampledTokens, Sampler
 from slimserve.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class StepOutput:
+    """Host-side result of a step: for each sampling row (an index into the batch), the token of every
+    decode step, with log-probabilities when some request asked for them."""
+
+    rows: list[int]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]] | None
+    top_logprobs: list[list[dict[int, float]]] | None
 
 
 @contextmanager
@@ -152,46 +164,81 @@ class ModelRunner:
 
     # ---- forward -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
-        """Run one step. Returns the indices (into batch.seqs) of the sequences that got a new token, and
-        the sampler's output for them."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one scheduled batch: a prefill/mixed step, or `batch.num_steps` decode steps back to back."""
         (ids, positions, slots, seq_lens, cu), tables, sample_rows = self._prepare(batch)
         width = max(len(t) for t in tables)
         flat_tables = [b for t in tables for b in (t + [0] * (width - len(t)))]
         n_tok, n_seq = len(ids), len(seq_lens)
         packed = self._to_device(ids + positions + slots + seq_lens + cu + flat_tables)
-        parts = packed.split([n_tok, n_tok, n_tok, n_seq, n_seq + 1, n_seq * width])
-        block_tables = parts[5].view(n_seq, width)
-        graph_bs = self._graph_batch_size(batch)
-        if graph_bs is not None:
-            logits = self._replay(graph_bs, parts, block_tables)[sample_rows]
+        parts = list(packed.split([n_tok, n_tok, n_tok, n_seq, n_seq + 1, n_seq * width]))
+        parts[5] = parts[5].view(n_seq, width)
+        if not sample_rows:
+            self._forward(parts, max(batch.num_new_tokens))
+            return StepOutput([], [], None, None)
+        seqs = [batch.seqs[i] for i in sample_rows]
+        sampling = self.sampler.prepare([s.params for s in seqs], [s.generator for s in seqs])
+        if batch.is_decode_only:
+            steps = self._decode_steps(batch, parts, sampling)
         else:
-            meta = AttentionMetadata(
-                slot_mapping=parts[2],
-                cu_seqlens_q=parts[4],
-                seq_lens=parts[3],
-                block_tables=block_tables,
-                max_seqlen_q=max(batch.num_new_tokens),
-            )
-            hidden = self.model(parts[0], parts[1], meta)
+            hidden = self._forward(parts, max(batch.num_new_tokens))
             last_tokens = torch.tensor([cu[i + 1] - 1 for i in sample_rows], device=self.device)
             logits = self.model.compute_logits(hidden[last_tokens])
-        if not sample_rows:
-            return [], None
-        seqs = [batch.seqs[i] for i in sample_rows]
-        out = self.sampler(
-            logits,
-            [s.params for s in seqs],
-            [s.generator for s in seqs],
-            [s.output_token_ids for s in seqs],
+            steps = [self.sampler.sample(logits, sampling, [s.output_token_ids for s in seqs])]
+        return self._to_host(sample_rows, steps)
+
+    def _forward(self, parts: list[torch.Tensor], max_seqlen_q: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=parts[2], cu_seqlens_q=parts[4], seq_lens=parts[3], block_tables=parts[5],
+            max_seqlen_q=max_seqlen_q,
         )
-        return sample_rows, out
+        return self.model(parts[0], parts[1], meta)
+
+    def _decode_steps(self, batch: ScheduledBatch, parts: list[torch.Tensor], sampling) -> list[SampledTokens]:
+        """Decode steps queued without waiting for the host: each step's sampled tokens become the next
+        step's input on the device, and positions, lengths and cache slots advance there too."""
+        n = len(batch)
+        graph_bs = self._graph_batch_size(n)
+        if graph_bs is not None:
+            self._load_graph_inputs(graph_bs, parts)
+            state = [self.g_ids[:n], self.g_positions[:n], self.g_slots[:n], self.g_seq_lens[:n], None,
+                     self.g_tables[:n]]
+        else:
+            state = parts
+        ids, positions, slots, seq_lens, _, tables = state
+        output_ids = [s.output_token_ids for s in batch.seqs] if batch.num_steps == 1 else None
+        results = []
+        for step in range(batch.num_steps):
+            if step:
+                ids.copy_(results[-1].token_ids)
+                positions.add_(1)
+                seq_lens.add_(1)
+                block = tables.gather(1, (positions // self.block_size).long()[:, None])[:, 0]
+                slots.copy_(block * self.block_size + positions % self.block_size)
+            if graph_bs is not None:
+                self.graphs[graph_bs].replay()
+                logits = self.g_logits[graph_bs][:n]
+            else:
+                logits = self.model.compute_logits(self._forward(state, 1))
+            results.append(self.sampler.sample(logits, sampling, output_ids))
+        return results
+
+    @staticmethod
+    def _to_host(rows: list[int], steps: list[SampledTokens]) -> StepOutput:
+        """One device-to-host transfer for all steps: per row, its token of every step."""
+        token_ids = torch.stack([s.token_ids for s in steps], dim=1).tolist()
+        logprobs = top = None
+        if steps[0].logprobs is not None:
+            logprobs = torch.stack([s.logprobs for s in steps], dim=1).tolist()
+        if steps[0].top_ids is not None:
+            ids = torch.stack([s.top_ids for s in steps], dim=1).tolist()
+            values = torch.stack([s.top_logprobs for s in steps], dim=1).tolist()
+            top = [[dict(zip(i, v)) for i, v in zip(row_ids, row_values)] for row_ids, row_values in zip(ids, values)]
+        return StepOutput(rows, token_ids, logprobs, top)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------
-    def _graph_batch_size(self, batch: ScheduledBatch) -> int | None:
-        if not self.graphs or not batch.is_decode_only:
-            return None
-        return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
+    def _graph_batch_size(self, n: int) -> int | None:
+        return next((b for b in sorted(self.graphs) if b >= n), None)
 
     def _capture_cuda_graphs(self) -> None:
         max_bs = max(cuda_graph_batch_sizes(self.config.max_num_seqs))
@@ -225,7 +272,8 @@ class ModelRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
 
-    def _replay(self, graph_bs: int, parts: tuple[torch.Tensor, ...], block_tables: torch.Tensor) -> torch.Tensor:
+    def _load_graph_inputs(self, graph_bs: int, parts: list[torch.Tensor]) -> None:
+        """Copy a decode batch into the graph's static inputs; rows past it are padding (no slot, length 0)."""
         n = parts[0].shape[0]
         self.g_ids[:n].copy_(parts[0])
         self.g_positions[:n].copy_(parts[1])
@@ -233,6 +281,4 @@ class ModelRunner:
         self.g_slots[n:graph_bs].fill_(-1)
         self.g_seq_lens[:n].copy_(parts[3])
         self.g_seq_lens[n:graph_bs].fill_(0)
-        self.g_tables[:n, : block_tables.shape[1]].copy_(block_tables)
-        self.graphs[graph_bs].replay()
-        return self.g_logits[graph_bs][:n]
+        self.g_tables[:n, : parts[5].shape[1]].copy_(parts[5])

@@ -2,7 +2,8 @@
 
 Sampling draws argmax(p / E) with E ~ Exp(1) (the exponential race, equivalent to sampling from p).
 A request with a seed draws its noise from its own generator, so its output does not depend on the
-other requests it was batched with.
+other requests it was batched with. Nothing here waits for the device: results stay tensors until the
+runner reads them, so several decode steps can be queued back to back.
 """
 
 from __future__ import annotations
@@ -15,23 +16,37 @@ from slimserve.config import SamplingParams
 
 
 @dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]  # log-probability of the chosen token under the model's distribution
-    top_logprobs: list[dict[int, float] | None]
+class SampledTokens:
+    token_ids: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None  # [B] log-probability of the chosen token under the model
+    top_ids: torch.Tensor | None  # [B, k]
+    top_logprobs: torch.Tensor | None  # [B, k]
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters as device tensors, built once and reused for every step of a decode window."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    sampled_rows: torch.Tensor | None  # rows that are not greedy
+    temperature: torch.Tensor | None
+    filters: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # top_k, top_p, min_p of sampled rows
+    unseeded: list[int]  # positions within sampled rows that use the engine's generator
+    want_logprobs: bool
+    top_k_logprobs: int
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], output_ids: list[list[int]]) -> torch.Tensor:
     """OpenAI presence/frequency penalties over each request's generated tokens."""
-    rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-    for i in rows:
-        if not output_ids[i]:
+    for i, p in enumerate(params):
+        if not (p.presence_penalty or p.frequency_penalty) or not output_ids[i]:
             continue
         ids = torch.tensor(output_ids[i], device=logits.device)
         counts = torch.zeros(logits.shape[1], device=logits.device).scatter_add_(
             0, ids, torch.ones_like(ids, dtype=torch.float32)
         )
-        logits[i] -= params[i].frequency_penalty * counts + params[i].presence_penalty * (counts > 0).float()
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
 
@@ -53,54 +68,68 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+def uses_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty)
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-        output_ids: list[list[int]],
-    ) -> SamplerOutput:
-        logits = apply_penalties(logits.float(), params, output_ids)
-        model_logprobs = logits.log_softmax(dim=-1)
-        chosen = logits.argmax(dim=-1)
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled_rows:
-            chosen[sampled_rows] = self._sample(
-                logits[sampled_rows], [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows]
+    def prepare(self, params: list[SamplingParams], generators: list[torch.Generator | None]) -> SamplingBatch:
+        dev = self.device
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        sampled = [params[i] for i in rows]
+        filters = None
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled):
+            filters = (
+                torch.tensor([max(p.top_k, 0) for p in sampled], device=dev),
+                torch.tensor([p.top_p for p in sampled], device=dev),
+                torch.tensor([p.min_p for p in sampled], device=dev),
             )
-        chosen_logprobs = model_logprobs.gather(1, chosen[:, None])[:, 0]
-        top: list[dict[int, float] | None] = [None] * len(params)
-        want_top = [i for i, p in enumerate(params) if p.logprobs]
-        if want_top:
-            k = max(params[i].logprobs for i in want_top)
-            values, indices = model_logprobs[want_top].topk(k, dim=-1)
-            for row, i in enumerate(want_top):
-                n = params[i].logprobs
-                top[i] = dict(zip(indices[row, :n].tolist(), values[row, :n].tolist()))
-        return SamplerOutput(chosen.tolist(), chosen_logprobs.tolist(), top)
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            params=params,
+            generators=[generators[i] for i in rows],
+            sampled_rows=torch.tensor(rows, device=dev) if rows else None,
+            temperature=torch.tensor([p.temperature for p in sampled], device=dev)[:, None] if rows else None,
+            filters=filters,
+            unseeded=[j for j, i in enumerate(rows) if generators[i] is None],
+            want_logprobs=bool(wanted),
+            top_k_logprobs=max(wanted, default=0),
+        )
 
-    def _sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        logits = logits / temperature[:, None]
-        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
-            top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
-            min_p = torch.tensor([p.min_p for p in params], device=device)
-            logits = filter_logits(logits, top_k, top_p, min_p)
+    def sample(
+        self, logits: torch.Tensor, batch: SamplingBatch, output_ids: list[list[int]] | None = None
+    ) -> SampledTokens:
+        logits = logits.float()
+        if output_ids is not None and any(uses_penalties(p) for p in batch.params):
+            logits = apply_penalties(logits.clone(), batch.params, output_ids)
+        chosen = logits.argmax(dim=-1)
+        if batch.sampled_rows is not None:
+            chosen[batch.sampled_rows] = self._sample_rows(logits[batch.sampled_rows], batch)
+        if not batch.want_logprobs:
+            return SampledTokens(chosen, None, None, None)
+        logprobs = logits.log_softmax(dim=-1)
+        chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
+        top_ids = top_values = None
+        if batch.top_k_logprobs:
+            top_values, top_ids = logprobs.topk(batch.top_k_logprobs, dim=-1)
+        return SampledTokens(chosen, chosen_logprobs, top_ids, top_values)
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        logits = logits / batch.temperature
+        if batch.filters is not None:
+            logits = filter_logits(logits, *batch.filters)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
-        unseeded = [i for i, gen in enumerate(generators) if gen is None]
-        if unseeded:
-            noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_(generator=self.generator)
-        for i, gen in enumerate(generators):
+        if len(batch.unseeded) == len(batch.generators):
+            noise.exponential_(generator=self.generator)
+        elif batch.unseeded:
+            noise[batch.unseeded] = torch.empty_like(probs[batch.unseeded]).exponential_(generator=self.generator)
+        for j, gen in enumerate(batch.generators):
             if gen is not None:
-                noise[i].exponential_(generator=gen)
+                noise[j].exponential_(generator=gen)
         return (probs / noise).argmax(dim=-1)

@@ -60,10 +60,13 @@ def check_engine(folder: str, expected, prompts, **engine_kwargs) -> LLM:
     return llm
 
 
-def test_batched_with_chunked_prefill_and_prefix_cache(family_folder):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_batched_with_chunked_prefill_and_prefix_cache(family_folder, decode_steps):
     prompts = make_prompts(0)
     expected = transformers_greedy(family_folder, prompts)
-    llm = check_engine(family_folder, expected, prompts, block_size=4, max_num_batched_tokens=24)
+    llm = check_engine(
+        family_folder, expected, prompts, block_size=4, max_num_batched_tokens=24, num_decode_steps=decode_steps
+    )
     # Run again: the prompts' full blocks are now cached and must give the same output.
     hits_before = llm.engine.block_manager.prefix_hits
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
@@ -72,10 +75,13 @@ def test_batched_with_chunked_prefill_and_prefix_cache(family_folder):
     assert all(o.num_cached_tokens > 0 for o in outs if len(o.prompt_token_ids) > 4)
 
 
-def test_preemption_with_tiny_kv_pool(family_folder):
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_preemption_with_tiny_kv_pool(family_folder, decode_steps):
     prompts = make_prompts(1)
     expected = transformers_greedy(family_folder, prompts)
     # 16 blocks of 4 tokens: the longest sequence (52 tokens) fits alone, the batch does not.
-    llm = check_engine(family_folder, expected, prompts, block_size=4, num_kv_blocks=16)
+    llm = check_engine(
+        family_folder, expected, prompts, block_size=4, num_kv_blocks=16, num_decode_steps=decode_steps
+    )
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_free_blocks == 16

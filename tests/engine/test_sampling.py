@@ -87,8 +87,8 @@ def test_sampled_frequencies_follow_the_distribution():
     n = 20000
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     params = [Params(temperature=0.7, top_p=0.9)] * n
-    out = sampler(logits.expand(n, -1).clone(), params, [None] * n, [[]] * n)
-    counts = torch.bincount(torch.tensor(out.token_ids), minlength=6).float()
+    out = sampler.sample(logits.expand(n, -1).clone(), sampler.prepare(params, [None] * n))
+    counts = torch.bincount(out.token_ids, minlength=6).float()
     expected = filter_logits(logits / 0.7, torch.zeros(1), torch.tensor([0.9]), torch.zeros(1)).softmax(-1)[0] * n
     support = expected > 0
     assert counts[~support].sum() == 0
