@@ -125,7 +125,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enforce_eager: bool = False
     # Decode steps run back to back on the device between two scheduling decisions, when no request is
-    # waiting for a slot (None: 8 on CUDA, where it hides the host's per-step work, 1 elsewhere).
+    # waiting for a slot (None: 16 on CUDA, where it hides the host's per-step work, 1 elsewhere).
     num_decode_steps: int | None = None
     seed: int = 0
 

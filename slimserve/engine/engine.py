@@ -68,7 +68,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.model_path, self.device, self.dtype)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        decode_steps = config.num_decode_steps or (8 if self.device.type == "cuda" else 1)
+        decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()

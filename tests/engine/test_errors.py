@@ -77,7 +77,10 @@ def test_generation_stops_at_max_model_len(llama_folder):
     [
         (["generate", "/no/such/model", "--prompt", "hi"], "/no/such/model"),
         (["generate", "{model}", "--prompt", "hi", "--top-p", "0"], "top_p"),
-        (["generate", "{model}", "--prompt", "w5 w6 w7 w8 w9", "--max-model-len", "4", "--device", "cpu"], "max_model_len"),
+        (
+            ["generate", "{model}", "--prompt", "w5 w6 w7 w8 w9", "--max-model-len", "4", "--device", "cpu"],
+            "max_model_len",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(llama_folder, args, message):

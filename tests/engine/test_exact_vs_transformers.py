@@ -80,8 +80,6 @@ def test_preemption_with_tiny_kv_pool(family_folder, decode_steps):
     prompts = make_prompts(1)
     expected = transformers_greedy(family_folder, prompts)
     # 16 blocks of 4 tokens: the longest sequence (52 tokens) fits alone, the batch does not.
-    llm = check_engine(
-        family_folder, expected, prompts, block_size=4, num_kv_blocks=16, num_decode_steps=decode_steps
-    )
+    llm = check_engine(family_folder, expected, prompts, block_size=4, num_kv_blocks=16, num_decode_steps=decode_steps)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_free_blocks == 16

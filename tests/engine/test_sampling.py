@@ -25,14 +25,18 @@ def test_same_seed_same_output_whatever_the_batch(llm):
     alone = texts(llm.generate([PROMPTS[0]], params, use_tqdm=False))[0]
     batched = texts(llm.generate(PROMPTS, params, use_tqdm=False))
     assert batched[0] == alone
-    other_seed = texts(llm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=10,
-                                                                  ignore_eos=True), use_tqdm=False))[0]
+    other_seed = texts(
+        llm.generate(
+            [PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=10, ignore_eos=True), use_tqdm=False
+        )
+    )[0]
     assert other_seed != alone
 
 
 def test_degenerate_sampling_equals_greedy(llm):
-    greedy = texts(llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                                use_tqdm=False))
+    greedy = texts(
+        llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    )
     for params in (
         SamplingParams(temperature=1.0, top_k=1, max_tokens=8, ignore_eos=True),
         SamplingParams(temperature=1e-5, max_tokens=8, ignore_eos=True),
@@ -43,24 +47,30 @@ def test_degenerate_sampling_equals_greedy(llm):
 
 
 def test_stop_token_ids_and_max_tokens(llm):
-    greedy = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0]
+    greedy = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     stop_at = greedy.token_ids[3]
     first = greedy.token_ids.index(stop_at)
-    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at],
-                                                     ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.token_ids == greedy.token_ids[: first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
     assert greedy.finish_reason == "length" and len(greedy.token_ids) == 8
 
 
 def test_stop_strings_cut_the_text(llm):
-    greedy = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0]
+    greedy = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     words = greedy.text.split()
     stop = words[2]
-    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8, stop=[stop], ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=8, stop=[stop], ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == greedy.text[: greedy.text.index(stop)]
 
