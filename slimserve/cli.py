@@ -1,4 +1,4 @@
-"""`slimserve` command line: generate, chat, bench, demo, convert, compress, eval."""
+"""`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 from slimserve.errors import SlimserveError
+from slimserve.serve.bench_client import add_bench_serve_parser
+from slimserve.serve.cli import add_serve_parser
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -231,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("bench", help="offline throughput on random prompts (requests/s, tokens/s)")
+    bench = sub.add_parser("bench", help="benchmarks: offline throughput, or a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser("throughput", help="offline throughput on random prompts (requests/s, tokens/s)")
     add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512, help="mean prompt length in tokens")
@@ -253,13 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (fp32 for dequantized tensors), float16, bfloat16")
     p.set_defaults(func=cmd_convert)
 
-    try:
-        from slimserve.compress.cli import add_compress_parser, add_eval_parser
-    except ImportError:
-        pass
-    else:
-        add_compress_parser(sub)
-        add_eval_parser(sub)
+    add_bench_serve_parser(bench_sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -16,9 +16,8 @@ CHAT_TEMPLATE = (
 
 
 def word_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer whose token i is the word `w{i}` (0, 1, 2 are unk, bos, eos)."""
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    """A tokenizer whose token i is the word `w{i}`, except 0, 1, 2: unk, bos, eos."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
