@@ -1,11 +1,11 @@
-"""Paged attention: write this step's keys/values into the KV cache, then attend over the cache."""
+"""Paged attention over the KV cache (the new keys/values are written by the fused prologue first)."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from slimserve.kernels.attention import paged_attention, store_kv
+from slimserve.kernels.attention import paged_attention
 
 
 @dataclass
@@ -37,8 +37,7 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(
             q,
             self.k_cache,

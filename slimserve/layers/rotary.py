@@ -1,4 +1,5 @@
-"""Rotary position embedding: the cos/sin table (with Llama-3 and linear scaling) and its application."""
+"""Rotary position embedding: the cos/sin table, with Llama-3 and linear scaling (applied by the fused
+attention prologue, kernels/rope_store.py)."""
 
 import math
 from typing import Any
@@ -7,7 +8,6 @@ import torch
 from torch import nn
 
 from slimserve.errors import SlimserveError
-from slimserve.kernels.rotary import apply_rotary
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -43,6 +43,3 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, positions, self.cos_sin_cache)
