@@ -11,9 +11,9 @@ from slimserve.layers.sampler import Sampler, filter_logits
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture(scope="module")
-def llm(llama_folder):
-    return LLM(llama_folder, dtype="float32", device="cpu", block_size=4)
+@pytest.fixture(scope="module", params=[1, 3], ids=["step", "window"])
+def llm(llama_folder, request):
+    return LLM(llama_folder, dtype="float32", device="cpu", block_size=4, num_decode_steps=request.param)
 
 
 def texts(outs):
