@@ -26,12 +26,12 @@ import triton.testing
 
 from slimserve.kernels.activation import silu_and_mul_triton
 from slimserve.kernels.activation_ref import silu_and_mul_ref
-from slimserve.kernels.attention import paged_attention, paged_attention_triton, store_kv_triton
-from slimserve.kernels.attention_ref import paged_attention_ref, store_kv_ref
+from slimserve.kernels.attention import paged_attention, paged_attention_triton
+from slimserve.kernels.attention_ref import paged_attention_ref
 from slimserve.kernels.norm import rms_norm_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
-from slimserve.kernels.rotary import apply_rotary_triton
-from slimserve.kernels.rotary_ref import apply_rotary_ref
+from slimserve.kernels.rope_store import rope_and_store_triton
+from slimserve.kernels.rope_store_ref import rope_and_store_ref
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS_PER_S = 790e12
@@ -168,18 +168,26 @@ def check_graph_replay(name: str, m: ModelShape, batch: int, context: int, block
                rel_error(out, paged_attention_ref(**b)))  # fmt: skip
 
 
-def bench_store_kv(name: str, m: ModelShape, tokens: int, block_size: int) -> Row:
+def bench_rope_store(name: str, m: ModelShape, tokens: int, block_size: int) -> Row:
+    """The fused attention prologue: q/k norm, rotary, KV-cache write, from the fused q|k|v output."""
     num_blocks = -(-4 * tokens // block_size)
     shape = (num_blocks, block_size, m.kv_heads, m.head_dim)
     caches = [torch.zeros(shape, device="cuda", dtype=DTYPE) for _ in range(4)]
-    k, v = (torch.randn(tokens, m.kv_heads, m.head_dim, device="cuda", dtype=DTYPE) for _ in range(2))
+    qkv = torch.randn(tokens, (m.heads + 2 * m.kv_heads) * m.head_dim, device="cuda", dtype=DTYPE)
     slots = torch.randperm(num_blocks * block_size, device="cuda", dtype=torch.int32)[:tokens]
     slots[::7] = -1
-    store_kv_triton(k, v, caches[0], caches[1], slots)
-    store_kv_ref(k, v, caches[2], caches[3], slots)
-    err = max(rel_error(caches[0], caches[2]), rel_error(caches[1], caches[3]))
-    run = lambda: store_kv_triton(k, v, caches[0], caches[1], slots)
-    return memory_row("store_kv", name, f"T={tokens}", err, run, 4 * k.numel() * DTYPE.itemsize)
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, m.head_dim, 2, device="cuda").float() / m.head_dim))
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv_freq)
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    norms = [torch.rand(m.head_dim, device="cuda", dtype=DTYPE) + 0.5 for _ in range(2)]
+    args = (qkv, positions, cache)
+    rest = (slots, m.heads, m.kv_heads, *norms, 1e-6)
+    q = rope_and_store_triton(*args, caches[0], caches[1], *rest)
+    q_ref = rope_and_store_ref(*args, caches[2], caches[3], *rest)
+    err = max(rel_error(q, q_ref), rel_error(caches[0], caches[2]), rel_error(caches[1], caches[3]))
+    run = lambda: rope_and_store_triton(*args, caches[0], caches[1], *rest)
+    return memory_row("rope_and_store", name, f"T={tokens}", err, run, 2 * qkv.numel() * DTYPE.itemsize)
 
 
 def bench_rms_norm(name: str, m: ModelShape, tokens: int) -> list[Row]:
@@ -194,20 +202,6 @@ def bench_rms_norm(name: str, m: ModelShape, tokens: int) -> list[Row]:
         label = f"T={tokens} hidden={m.hidden}" + (" +residual" if residual is not None else "")
         rows.append(memory_row("rms_norm", name, label, err, run, io * x.numel() * DTYPE.itemsize))
     return rows
-
-
-def bench_rotary(name: str, m: ModelShape, tokens: int) -> Row:
-    q = torch.randn(tokens, m.heads, m.head_dim, device="cuda", dtype=DTYPE)
-    k = torch.randn(tokens, m.kv_heads, m.head_dim, device="cuda", dtype=DTYPE)
-    positions = torch.randint(0, 8192, (tokens,), device="cuda")
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, m.head_dim, 2, device="cuda").float() / m.head_dim))
-    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv_freq)
-    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    out, ref = apply_rotary_triton(q, k, positions, cache), apply_rotary_ref(q, k, positions, cache)
-    err = max(rel_error(out[0], ref[0]), rel_error(out[1], ref[1]))
-    nbytes = 2 * (q.numel() + k.numel()) * DTYPE.itemsize + tokens * m.head_dim * 4
-    run = lambda: apply_rotary_triton(q, k, positions, cache)
-    return memory_row("apply_rotary", name, f"T={tokens}", err, run, nbytes)
 
 
 def bench_silu(name: str, m: ModelShape, tokens: int) -> Row:
@@ -258,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_prefill(name, m, n, 3 * n, args.block_size))
         rows.append(check_graph_replay(name, m, 8, max(args.contexts), args.block_size))
         for tokens in sorted({*args.batches, n}):
-            rows.append(bench_store_kv(name, m, tokens, args.block_size))
+            rows.append(bench_rope_store(name, m, tokens, args.block_size))
             rows.extend(bench_rms_norm(name, m, tokens))
-            rows.append(bench_rotary(name, m, tokens))
             rows.append(bench_silu(name, m, tokens))
         torch.cuda.empty_cache()
     print_table(rows)

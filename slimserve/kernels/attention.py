@@ -1,4 +1,4 @@
-"""Paged attention and KV-cache writes in Triton, beside the plain-torch references in attention_ref.py.
+"""Paged attention in Triton, beside the plain-torch reference in attention_ref.py.
 
 Two attention paths share one inner loop (online softmax in fp32, K/V gathered token by token through the
 block table, so a key tile may span several cache blocks):
@@ -15,47 +15,12 @@ import os
 
 import torch
 
-from slimserve.kernels.attention_ref import paged_attention_ref, store_kv_ref
+from slimserve.kernels.attention_ref import paged_attention_ref
 from slimserve.kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _store_kv_kernel(
-        k_ptr,
-        v_ptr,
-        k_cache_ptr,
-        v_cache_ptr,
-        slot_ptr,
-        stride_kt,
-        stride_kh,
-        stride_vt,
-        stride_vh,
-        stride_cb,
-        stride_cs,
-        stride_ch,
-        num_kv_heads,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        t = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        # A padding token (slot < 0) writes no head. Scalar conditions enter masks as bounds: the CPU
-        # interpreter mishandles a scalar boolean broadcast into a block mask.
-        heads = tl.where(slot >= 0, num_kv_heads, 0)
-        mask = (offs_h < heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-        dst += offs_h[:, None] * stride_ch + offs_d[None, :]
-        k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr):
@@ -296,35 +261,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 
-def store_kv_triton(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Same contract as store_kv_ref: one program per token writes its k and v; slot < 0 is skipped."""
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert k.stride(-1) == 1 and v.stride(-1) == 1
-    num_tokens, num_kv_heads, head_dim = k.shape
-    _store_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
-    )
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -408,15 +344,6 @@ def paged_attention_triton(
             BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
-
-
-def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if use_triton(k):
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from slimserve.kernels.attention import paged_attention_triton, store_kv_triton  # noqa: E402
-from slimserve.kernels.attention_ref import paged_attention_ref, store_kv_ref  # noqa: E402
+from slimserve.kernels.attention import paged_attention_triton  # noqa: E402
+from slimserve.kernels.attention_ref import paged_attention_ref  # noqa: E402
 
 TOLERANCES = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
@@ -128,29 +128,12 @@ def test_low_precision(dtype: torch.dtype) -> None:
     check(make_batch([(1, 50), (1, 0), (1, 9)], 4, 2, 64, 16, dtype, gen), seed, block_n=16, num_splits=2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_matches_reference_and_skips_padding(dtype: torch.dtype) -> None:
-    gen, _ = make_generator()
-    num_blocks, block_size, num_kv_heads, head_dim = 4, 16, 3, 64
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:9].int()
-    slots[[2, 5]] = -1
-    # k and v as strided views of one fused tensor, as they come out of a qkv projection.
-    kv = torch.randn(9, 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
-    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
-    store_kv_triton(k, v, k_cache, v_cache, slots)
-    store_kv_ref(k, v, k_ref, v_ref, slots)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-
-
 def test_modules_import_without_triton() -> None:
     # CPU-only installs may lack triton: the modules still import and fall back to the references.
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from slimserve.kernels import activation, attention, norm, rotary\n"
+        "from slimserve.kernels import activation, attention, norm, rope_store\n"
         "assert not attention.HAS_TRITON\n"
         "x = torch.randn(2, 8)\n"
         "torch.testing.assert_close(activation.silu_and_mul(x), activation.silu_and_mul_ref(x))\n"
