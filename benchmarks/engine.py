@@ -32,16 +32,43 @@ HBM_BYTES_PER_S = 3.0e12
 # The shapes of the real checkpoints (their config.json fields that matter for speed).
 SHAPES = {
     "llama-3.2-1b": dict(
-        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
     ),
     "qwen3-0.6b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 }
 
@@ -85,6 +112,22 @@ def slimserve_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
     return {"total_s": end - start, "ttft_s": first - start, "decode_tok_s": (new_tokens - 1) / (end - first)}
 
 
+def greedy_agreement(llm: LLM, folder: str, vocab: int) -> dict:
+    """CUDA graphs and multi-step windows must not change greedy output: compare with an eager engine that
+    schedules every step from the host, on prompts of mixed lengths."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(5, 300))] for _ in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    eager = LLM(
+        folder, dtype="bfloat16", max_model_len=2048, num_kv_blocks=4096, enforce_eager=True, num_decode_steps=1
+    )
+    slow = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    del eager
+    same = sum(a == b for a, b in zip(fast, slow))
+    return {"prompts": len(prompts), "identical": same}
+
+
 def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dict:
     params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for _, n in requests]
     llm.generate([p for p, _ in requests[:8]], params[:8], use_tqdm=False)  # warm up prefill shapes
@@ -93,8 +136,12 @@ def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dic
     elapsed = sync_time() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(n for _, n in requests)
-    return {"elapsed_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
-            "preemptions": llm.engine.scheduler.num_preemptions}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": produced,
+        "output_tok_s": produced / elapsed,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+    }
 
 
 # ---- transformers -----------------------------------------------------------------------------------
@@ -125,21 +172,38 @@ def hf_throughput(model, requests: list[tuple[list[int], int]], batch_size: int)
             mask[i, width - len(p) :] = 1
         longest = max(n for _, n in batch)
         model.generate(
-            ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=longest, min_new_tokens=longest,
-            do_sample=True, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0,
+            ids.cuda(),
+            attention_mask=mask.cuda(),
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         produced += sum(n for _, n in batch)
     elapsed = sync_time() - start
-    return {"elapsed_s": elapsed, "requests": len(requests), "batch_size": batch_size,
-            "output_tokens": produced, "output_tok_s": produced / elapsed}
+    return {
+        "elapsed_s": elapsed,
+        "requests": len(requests),
+        "batch_size": batch_size,
+        "output_tokens": produced,
+        "output_tok_s": produced / elapsed,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama-3.2-1b")
     parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--hf-requests", type=int, default=64,
-                        help="requests timed through transformers (its rate is measured on these)")
+    parser.add_argument(
+        "--hf-requests",
+        type=int,
+        default=64,
+        help="requests timed through transformers (its rate is measured on these)",
+    )
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
@@ -153,9 +217,12 @@ def main() -> None:
     prompt = random.Random(1).sample(range(3, config.vocab_size), 128)
     requests = make_requests(config.vocab_size, args.num_requests, seed=0)
     result = {
-        "model_shape": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "model_shape": args.model,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": datetime.date.today().isoformat(), "dtype": "bfloat16",
+        "date": datetime.date.today().isoformat(),
+        "dtype": "bfloat16",
     }
 
     t0 = time.perf_counter()
@@ -168,8 +235,13 @@ def main() -> None:
     b1["roofline_tok_s"] = roofline_tok_s
     b1["roofline_fraction"] = b1["decode_tok_s"] / roofline_tok_s
     result["slimserve_batch1"] = b1
-    print(f"slimserve batch-1: {b1['decode_tok_s']:.0f} tok/s = {100 * b1['roofline_fraction']:.1f}% of roofline "
-          f"({roofline_tok_s:.0f} tok/s)", flush=True)
+    print(
+        f"slimserve batch-1: {b1['decode_tok_s']:.0f} tok/s = {100 * b1['roofline_fraction']:.1f}% of roofline "
+        f"({roofline_tok_s:.0f} tok/s)",
+        flush=True,
+    )
+    result["greedy_vs_eager"] = greedy_agreement(llm, folder, config.vocab_size)
+    print(f"greedy output, graphs + decode windows vs eager: {result['greedy_vs_eager']}", flush=True)
     result["slimserve_throughput"] = slimserve_throughput(llm, requests)
     print(f"slimserve throughput: {result['slimserve_throughput']['output_tok_s']:.0f} output tok/s", flush=True)
     del llm
@@ -201,8 +273,10 @@ def main() -> None:
     print("\n| metric | slimserve | transformers | ratio |\n|---|---|---|---|")
     hf_b1 = max((r.get("decode_tok_s", 0) for r in result.get("hf_batch1", [])), default=0)
     hf_tp = result.get("hf_throughput", {}).get("output_tok_s", 0)
-    print(f"| batch-1 decode tok/s | {b1['decode_tok_s']:.0f} ({100 * b1['roofline_fraction']:.0f}% roofline) "
-          f"| {hf_b1:.1f} | {b1['decode_tok_s'] / hf_b1 if hf_b1 else float('nan'):.1f}x |")
+    print(
+        f"| batch-1 decode tok/s | {b1['decode_tok_s']:.0f} ({100 * b1['roofline_fraction']:.0f}% roofline) "
+        f"| {hf_b1:.1f} | {b1['decode_tok_s'] / hf_b1 if hf_b1 else float('nan'):.1f}x |"
+    )
     tp = result["slimserve_throughput"]["output_tok_s"]
     print(f"| throughput output tok/s | {tp:.0f} | {hf_tp:.0f} | {tp / hf_tp if hf_tp else float('nan'):.1f}x |")
 

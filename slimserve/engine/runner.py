@@ -189,7 +189,10 @@ class ModelRunner:
 
     def _forward(self, parts: list[torch.Tensor], max_seqlen_q: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=parts[2], cu_seqlens_q=parts[4], seq_lens=parts[3], block_tables=parts[5],
+            slot_mapping=parts[2],
+            cu_seqlens_q=parts[4],
+            seq_lens=parts[3],
+            block_tables=parts[5],
             max_seqlen_q=max_seqlen_q,
         )
         return self.model(parts[0], parts[1], meta)
@@ -201,8 +204,16 @@ class ModelRunner:
         graph_bs = self._graph_batch_size(n)
         if graph_bs is not None:
             self._load_graph_inputs(graph_bs, parts)
-            state = [self.g_ids[:n], self.g_positions[:n], self.g_slots[:n], self.g_seq_lens[:n], None,
-                     self.g_tables[:n]]
+            if sampling.sampled_rows is None and not sampling.want_logprobs and batch.num_steps > 1:
+                return self._greedy_graph_steps(graph_bs, n, batch.num_steps)
+            state = [
+                self.g_ids[:n],
+                self.g_positions[:n],
+                self.g_slots[:n],
+                self.g_seq_lens[:n],
+                None,
+                self.g_tables[:n],
+            ]
         else:
             state = parts
         ids, positions, slots, seq_lens, _, tables = state
@@ -222,6 +233,29 @@ class ModelRunner:
                 logits = self.model.compute_logits(self._forward(state, 1))
             results.append(self.sampler.sample(logits, sampling, output_ids))
         return results
+
+    def _greedy_graph_steps(self, graph_bs: int, n: int, num_steps: int) -> list[SampledTokens]:
+        """All-greedy windows replay graphs that also take the argmax and advance their own inputs, so a
+        step costs the host one replay and one copy."""
+        tokens = torch.empty(num_steps, n, dtype=torch.long, device=self.device)
+        for step in range(num_steps):
+            self.greedy_graphs[graph_bs].replay()
+            tokens[step].copy_(self.g_next[:n])
+        return [SampledTokens(tokens[step], None, None, None) for step in range(num_steps)]
+
+    def _greedy_advance(self, bs: int, logits: torch.Tensor) -> None:
+        """Inside the greedy graph: argmax, then the next step's inputs. Padding rows (length 0) keep no
+        slot and length 0, so they never write into the cache."""
+        valid = self.g_seq_lens[:bs] > 0
+        tokens = logits.argmax(dim=-1)
+        self.g_next[:bs].copy_(tokens)
+        self.g_ids[:bs].copy_(tokens)
+        self.g_positions[:bs] += valid
+        self.g_seq_lens[:bs] += valid
+        positions = self.g_positions[:bs]
+        block_index = (positions // self.block_size).clamp_max(self.max_blocks_per_seq - 1).long()
+        block = self.g_tables[:bs].gather(1, block_index[:, None])[:, 0]
+        self.g_slots[:bs].copy_(torch.where(valid, block * self.block_size + positions % self.block_size, -1))
 
     @staticmethod
     def _to_host(rows: list[int], steps: list[SampledTokens]) -> StepOutput:
@@ -249,7 +283,9 @@ class ModelRunner:
         self.g_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_next = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_logits: dict[int, torch.Tensor] = {}
+        self.greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         for bs in reversed(cuda_graph_batch_sizes(self.config.max_num_seqs)):
             meta = AttentionMetadata(
@@ -270,6 +306,10 @@ class ModelRunner:
                 self.g_logits[bs] = step()
             pool = graph.pool()
             self.graphs[bs] = graph
+            greedy = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(greedy, pool=pool):
+                self._greedy_advance(bs, step())
+            self.greedy_graphs[bs] = greedy
         torch.cuda.synchronize(dev)
 
     def _load_graph_inputs(self, graph_bs: int, parts: list[torch.Tensor]) -> None:
