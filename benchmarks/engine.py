@@ -113,8 +113,10 @@ def slimserve_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
 
 
 def greedy_agreement(llm: LLM, folder: str, vocab: int) -> dict:
-    """CUDA graphs and multi-step windows must not change greedy output: compare with an eager engine that
-    schedules every step from the host, on prompts of mixed lengths."""
+    """CUDA graphs and multi-step windows must not change greedy output. Compared with an eager engine that
+    schedules every step from the host, bf16 rounding differs (other GEMM tilings, other attention splits),
+    so on random weights a sequence may take the other branch of a near-tie: where the two outputs first
+    differ, the token the fast path chose must be the eager engine's runner-up by a tiny margin."""
     rng = random.Random(2)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(5, 300))] for _ in range(12)]
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -122,10 +124,21 @@ def greedy_agreement(llm: LLM, folder: str, vocab: int) -> dict:
     eager = LLM(
         folder, dtype="bfloat16", max_model_len=2048, num_kv_blocks=4096, enforce_eager=True, num_decode_steps=1
     )
-    slow = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    checked = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, logprobs=2)
+    slow = [o.outputs[0] for o in eager.generate(prompts, checked, use_tqdm=False)]
     del eager
-    same = sum(a == b for a, b in zip(fast, slow))
-    return {"prompts": len(prompts), "identical": same}
+    identical, near_ties, gaps = 0, 0, []
+    for ours, theirs in zip(fast, slow):
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs.token_ids)) if a != b), None)
+        if first is None:
+            identical += 1
+            continue
+        top = theirs.logprobs[first]
+        if ours[first] in top:
+            gap = top[theirs.token_ids[first]] - top[ours[first]]
+            gaps.append(gap)
+            near_ties += gap < 0.1
+    return {"prompts": len(prompts), "identical": identical, "diverged_at_near_tie": near_ties, "tie_gaps": gaps}
 
 
 def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dict:
