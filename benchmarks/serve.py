@@ -1,9 +1,11 @@
 """Online serving on a GPU: `slimserve serve` on a random-weight model of a real shape, loaded by the
 benchmark client at several request rates, against offline LLM.generate on the same prompts.
 
-The server runs as its own process (python -m slimserve.serve) and the client in this one, as a user
-would run them. At rate inf every request arrives at once, so the server's output throughput there is
-comparable with the offline engine's: the ratio is what the HTTP layer costs.
+The server runs as its own process (python -m slimserve.serve, which runs its engine in a child process)
+and the client in this one, as a user would run them. At rate inf every request arrives at once, so the
+server's output throughput there is comparable with the offline engine's: the ratio is what the HTTP
+layer costs. The engine-loop numbers (step time, pauses between busy steps) are measured in the engine
+process and read from /metrics.
 
 usage: python benchmarks/serve.py --model llama-3.2-1b [--num-prompts 512] [--rates 4 16 inf]
 """

@@ -1,5 +1,5 @@
-"""The FastAPI app: routes, API-key check, HTTP metrics. Built by create_app around one engine; the
-engine loop thread starts and stops with the app."""
+"""The FastAPI app: routes, API-key check, HTTP metrics. Built by create_app from an engine config; the
+engine process starts and stops with the app."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
+from transformers import AutoTokenizer
 
+from slimserve.checkpoint.resolve import resolve_model
+from slimserve.config import EngineConfig
 from slimserve.engine.engine import LLMEngine
 from slimserve.serve.chat import ChatEndpoint
 from slimserve.serve.completions import CompletionEndpoint
-from slimserve.serve.engine_loop import EngineLoop
+from slimserve.serve.engine_client import EngineClient
+from slimserve.serve.engine_process import EngineFactory
 from slimserve.serve.errors import APIError, from_validation_error, install_error_handlers
 from slimserve.serve.metrics import ServerMetrics
 from slimserve.serve.preprocess import Preprocessor
@@ -107,31 +112,39 @@ def _body_schema(schema: type[BaseModel]) -> dict:
     return {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}
 
 
-def create_app(engine: LLMEngine, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(
+    config: EngineConfig,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    engine_factory: EngineFactory = LLMEngine,
+) -> FastAPI:
+    """The server of `config`'s model; `engine_factory` builds the engine inside the engine process."""
+    # Resolved here, so that a bad model argument fails before anything starts, and converted only once.
+    model_path = resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     metrics = ServerMetrics()
-    loop = EngineLoop(engine, metrics)
-    metrics.watch_engine(lambda: loop.stats)
-    preprocessor = Preprocessor(engine.model_path, engine.max_model_len, engine.model_config.vocab_size)
-    ctx = ServerContext(loop, preprocessor, model_name or engine.config.model, api_key)
+    engine = EngineClient(replace(config, model=model_path), metrics, engine_factory)
+    metrics.watch_engine(lambda: engine.stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop.start()
+        info = await engine.start()
+        preprocessor = Preprocessor(tokenizer, info.max_model_len, info.vocab_size)
+        app.state.ctx = ServerContext(engine, preprocessor, model_name or config.model, api_key)
         try:
             yield
         finally:
-            loop.shutdown()
+            await engine.shutdown()
 
     app = FastAPI(title="slimserve", description="OpenAI-compatible API", lifespan=lifespan)
-    app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(_openai_router())
 
     @app.get("/health")
     async def health() -> Response:
-        if loop.alive:
+        if engine.alive:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "reason": loop.failed or "engine loop stopped"}, 503)
+        return JSONResponse({"status": "unavailable", "reason": engine.failed or "the engine is not running"}, 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -3,11 +3,11 @@ messages out."""
 
 from __future__ import annotations
 
-from slimserve.engine.outputs import CompletionOutput
+from slimserve.serve.choice_output import Delta
 from slimserve.serve.errors import APIError
 from slimserve.serve.logprobs import chat_logprobs
 from slimserve.serve.protocol import ChatCompletionRequest
-from slimserve.serve.serving import Choice, Delta, Endpoint
+from slimserve.serve.serving import Choice, Endpoint
 
 
 class ChatEndpoint(Endpoint):
@@ -36,7 +36,8 @@ class ChatEndpoint(Endpoint):
             return None
         return chat_logprobs(token_ids, entries, self.body.top_logprobs or 0, self.decode_token)
 
-    def response_choice(self, choice: Choice, output: CompletionOutput) -> dict:
+    def response_choice(self, choice: Choice) -> dict:
+        output = choice.output
         return {
             "index": choice.index,
             "message": {"role": "assistant", "content": output.text},

@@ -31,10 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from slimserve.cli import engine_kwargs
     from slimserve.config import EngineConfig
-    from slimserve.engine.engine import LLMEngine
     from slimserve.serve.app import create_app
 
     logging.getLogger("slimserve").setLevel(args.log_level.upper())
-    engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
-    app = create_app(engine, args.served_model_name or args.model, args.api_key)
+    config = EngineConfig(model=args.model, **engine_kwargs(args))
+    app = create_app(config, args.served_model_name or args.model, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

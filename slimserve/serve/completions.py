@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from slimserve.engine.outputs import CompletionOutput
+from slimserve.serve.choice_output import Delta
 from slimserve.serve.logprobs import completion_logprobs
 from slimserve.serve.protocol import CompletionRequest
-from slimserve.serve.serving import Choice, Delta, Endpoint
+from slimserve.serve.serving import Choice, Endpoint
 
 
 class CompletionEndpoint(Endpoint):
@@ -33,7 +33,8 @@ class CompletionEndpoint(Endpoint):
             return None
         return completion_logprobs(token_ids, entries, self.body.logprobs, self.decode_token, offset)
 
-    def response_choice(self, choice: Choice, output: CompletionOutput) -> dict:
+    def response_choice(self, choice: Choice) -> dict:
+        output = choice.output
         return {
             "index": choice.index,
             "text": output.text,

@@ -1,9 +1,9 @@
 """Turn a validated request into engine requests: tokenize, check the context fits, build sampling
-parameters per choice. Runs in the front end so that the engine loop only ever receives token ids."""
+parameters per choice. Runs in the front end so that the engine process only ever receives token ids."""
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerBase
 
 from slimserve.config import SamplingParams
 from slimserve.errors import SlimserveError
@@ -15,10 +15,9 @@ MIN_TEMPERATURE = 1e-5
 
 
 class Preprocessor:
-    def __init__(self, model_path: str, max_model_len: int, vocab_size: int) -> None:
-        # A tokenizer of our own: the engine thread's one decodes concurrently, and a fast tokenizer
-        # must not be used from two threads at once.
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        # As the engine process reported them at startup.
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
 

@@ -1,33 +1,40 @@
-"""What the engine loop hands to one HTTP request: its engine requests' outputs, on the event loop."""
+"""What the engine client hands to one HTTP request: its engine requests' token deltas, on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
-from slimserve.engine.outputs import RequestOutput
+from slimserve.serve.engine_messages import TokenDelta
 
 
 class RequestStream:
-    """The outputs of one HTTP request's engine requests (one per choice), delivered on the event loop.
-    Outputs that pile up while the consumer is busy are returned together, so a slow client gets fewer,
+    """The deltas of one HTTP request's engine requests (one per choice), delivered on the event loop.
+    Deltas that pile up while the consumer is busy are returned together, so a slow client gets fewer,
     larger chunks instead of slowing anyone else down."""
 
     def __init__(self, request_ids: list[str]) -> None:
         self.request_ids = request_ids
         self._unfinished = set(request_ids)
-        self._pending: list[RequestOutput] = []
+        self._pending: list[TokenDelta] = []
         self._event = asyncio.Event()
+        self._accepted = False
         self._error: BaseException | None = None
 
     @property
     def unfinished_ids(self) -> list[str]:
         return [r for r in self.request_ids if r in self._unfinished]
 
-    def put(self, output: RequestOutput) -> None:
-        self._pending.append(output)
-        if output.finished:
-            self._unfinished.discard(output.request_id)
+    def accept(self) -> None:
+        """The engine has taken the requests (a refusal comes through fail() instead)."""
+        if self._error is None:
+            self._accepted = True
+            self._event.set()
+
+    def put(self, delta: TokenDelta) -> None:
+        self._pending.append(delta)
+        if delta.finish_reason is not None:
+            self._unfinished.discard(delta.request_id)
         self._event.set()
 
     def fail(self, error: BaseException) -> None:
@@ -38,7 +45,15 @@ class RequestStream:
         self._unfinished.clear()
         self._event.set()
 
-    async def batches(self) -> AsyncIterator[list[RequestOutput]]:
+    async def accepted(self) -> None:
+        """Until the engine has taken the requests; raises why it did not (refused them, or is gone)."""
+        while not self._accepted and self._error is None:
+            self._event.clear()
+            await self._event.wait()
+        if not self._accepted:
+            raise self._error
+
+    async def batches(self) -> AsyncIterator[list[TokenDelta]]:
         while True:
             while not self._pending and self._error is None and self._unfinished:
                 self._event.clear()

@@ -16,8 +16,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from slimserve.engine.outputs import CompletionOutput, RequestOutput
-from slimserve.serve.engine_loop import EngineFailure, EngineLoop, EngineRequest
+from slimserve.serve.choice_output import ChoiceOutput, Delta
+from slimserve.serve.engine_client import EngineClient, EngineFailure, EngineUnavailable
+from slimserve.serve.engine_messages import EngineRequest, TokenDelta
 from slimserve.serve.errors import APIError
 from slimserve.serve.preprocess import Preprocessor, sampling_params
 from slimserve.serve.protocol import SamplingFields
@@ -28,7 +29,7 @@ from slimserve.serve.request_stream import RequestStream
 class ServerContext:
     """Everything a request handler needs; one per app (no module-level state)."""
 
-    loop: EngineLoop
+    engine: EngineClient
     preprocessor: Preprocessor
     model_name: str
     api_key: str | None = None
@@ -38,40 +39,7 @@ class ServerContext:
 class Choice:
     index: int
     request: EngineRequest
-
-
-@dataclass
-class Delta:
-    """What one choice gained since the last chunk (several engine steps may be merged)."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-    text_offset: int = 0
-
-
-@dataclass
-class _ChoiceProgress:
-    tokens_sent: int = 0
-    chars_sent: int = 0
-
-    def delta(self, outputs: list[RequestOutput]) -> Delta:
-        last: CompletionOutput = outputs[-1].outputs[0]
-        text = "".join(o.new_text for o in outputs)
-        sent = self.tokens_sent
-        delta = Delta(
-            text=text,
-            token_ids=last.token_ids[sent:],
-            logprobs=None if last.logprobs is None else last.logprobs[sent:],
-            finish_reason=last.finish_reason,
-            stop_reason=last.stop_reason,
-            text_offset=self.chars_sent,
-        )
-        self.tokens_sent = len(last.token_ids)
-        self.chars_sent += len(text)
-        return delta
+    output: ChoiceOutput
 
 
 class Endpoint(ABC):
@@ -102,7 +70,7 @@ class Endpoint(ABC):
         """Top alternatives per token, or None for no logprobs."""
 
     @abstractmethod
-    def response_choice(self, choice: Choice, output: CompletionOutput) -> dict: ...
+    def response_choice(self, choice: Choice) -> dict: ...
 
     @abstractmethod
     def chunk_choice(self, choice: Choice, delta: Delta) -> dict: ...
@@ -127,7 +95,8 @@ class Endpoint(ABC):
             for i in range(n):
                 params = sampling_params(self.body, max_tokens, self.num_logprobs(), i)
                 request = EngineRequest(f"{self.id}-{p}-{i}", ids, params)
-                self.choices.append(Choice(p * n + i, request))
+                output = ChoiceOutput(pre.tokenizer, ids, params, bool(self.body.stream))
+                self.choices.append(Choice(p * n + i, request, output))
 
     def envelope(self, choices: list[dict], object_name: str) -> dict:
         return {
@@ -148,13 +117,18 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _collect(stream: RequestStream) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
+def _apply(by_id: dict[str, Choice], batch: list[TokenDelta]) -> list[tuple[Choice, Delta]]:
+    """Each choice's share of a batch, added to its output (one Delta per choice that got some)."""
+    grouped: dict[str, list[TokenDelta]] = {}
+    for delta in batch:
+        grouped.setdefault(delta.request_id, []).append(delta)
+    return [(by_id[request_id], by_id[request_id].output.add(deltas)) for request_id, deltas in grouped.items()]
+
+
+async def _collect(endpoint: Endpoint, stream: RequestStream) -> None:
+    by_id = {c.request.request_id: c for c in endpoint.choices}
     async for batch in stream.batches():
-        for out in batch:
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
+        _apply(by_id, batch)
 
 
 async def _until_disconnect(request: Request, work: asyncio.Future) -> bool:
@@ -176,9 +150,24 @@ async def _until_disconnect(request: Request, work: asyncio.Future) -> bool:
 
 
 def _stream_error(error: BaseException) -> APIError:
+    if isinstance(error, EngineUnavailable):
+        return APIError(str(error), 503, "service_unavailable_error")
     if isinstance(error, EngineFailure):
         return APIError(str(error), 500, "internal_server_error")
     return APIError(str(error))
+
+
+async def _submit(endpoint: Endpoint) -> RequestStream:
+    """Hand the choices to the engine and wait until it has taken them, so that a refusal is a 4xx
+    response rather than an error in a stream already begun."""
+    engine = endpoint.ctx.engine
+    stream = engine.submit([c.request for c in endpoint.choices])
+    try:
+        await stream.accepted()
+    except BaseException:
+        engine.abort(stream)
+        raise
+    return stream
 
 
 async def serve(endpoint: Endpoint, request: Request) -> Response:
@@ -191,50 +180,48 @@ async def serve(endpoint: Endpoint, request: Request) -> Response:
     if name:
         raise APIError(f"{name} is not supported", param=name)
     await asyncio.to_thread(endpoint.build_choices)
-    stream = ctx.loop.submit([c.request for c in endpoint.choices], stream=bool(endpoint.body.stream))
+    try:
+        stream = await _submit(endpoint)
+    except (ValueError, EngineFailure) as e:
+        raise _stream_error(e) from e
     if endpoint.body.stream:
         return StreamingResponse(
             _events(endpoint, stream),
             media_type="text/event-stream",
             # Runs however the stream ends, a client disconnect included: nothing keeps generating.
-            background=BackgroundTask(ctx.loop.abort, stream),
+            background=BackgroundTask(ctx.engine.abort, stream),
         )
-    work = asyncio.ensure_future(_collect(stream))
+    work = asyncio.ensure_future(_collect(endpoint, stream))
     try:
         if not await _until_disconnect(request, work):
             return Response(status_code=499)
-        finals = work.result()
-    except (ValueError, EngineFailure) as e:
+        work.result()
+    except EngineFailure as e:
         raise _stream_error(e) from e
     finally:
-        ctx.loop.abort(stream)
-    choices = [endpoint.response_choice(c, finals[c.request.request_id].outputs[0]) for c in endpoint.choices]
+        ctx.engine.abort(stream)
+    choices = [endpoint.response_choice(c) for c in endpoint.choices]
     body = endpoint.envelope(choices, endpoint.object_name)
-    body["usage"] = endpoint.usage(sum(len(out.outputs[0].token_ids) for out in finals.values()))
+    body["usage"] = endpoint.usage(sum(len(c.output.token_ids) for c in endpoint.choices))
     return JSONResponse(body)
 
 
 async def _events(endpoint: Endpoint, stream: RequestStream) -> AsyncIterator[str]:
     by_id = {c.request.request_id: c for c in endpoint.choices}
-    progress = {request_id: _ChoiceProgress() for request_id in by_id}
     include_usage = endpoint.body.include_usage()
     usage_field = {"usage": None} if include_usage else {}
     try:
         for chunk in endpoint.opening_chunks():
             yield _sse(endpoint.envelope([chunk], endpoint.chunk_object) | usage_field)
         async for batch in stream.batches():
-            grouped: dict[str, list[RequestOutput]] = {}
-            for out in batch:
-                grouped.setdefault(out.request_id, []).append(out)
-            for request_id, outputs in grouped.items():
-                delta = progress[request_id].delta(outputs)
+            for choice, delta in _apply(by_id, batch):
                 if not delta.text and not delta.finish_reason and delta.logprobs is None:
                     continue
-                choice = endpoint.chunk_choice(by_id[request_id], delta)
-                yield _sse(endpoint.envelope([choice], endpoint.chunk_object) | usage_field)
+                chunk = endpoint.chunk_choice(choice, delta)
+                yield _sse(endpoint.envelope([chunk], endpoint.chunk_object) | usage_field)
         if include_usage:
-            usage = endpoint.usage(sum(p.tokens_sent for p in progress.values()))
+            usage = endpoint.usage(sum(len(c.output.token_ids) for c in endpoint.choices))
             yield _sse(endpoint.envelope([], endpoint.chunk_object) | {"usage": usage})
-    except (ValueError, EngineFailure) as e:
+    except EngineFailure as e:
         yield _sse(_stream_error(e).body())
     yield _sse("[DONE]")

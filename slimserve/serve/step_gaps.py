@@ -1,4 +1,4 @@
-"""Measures whether the engine loop is kept waiting between steps."""
+"""Whether the engine loop is kept waiting between steps, from the timings the engine process reports."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from collections import deque
 
 class StepGaps:
     """Time between the end of one step and the start of the next while requests are unfinished: what
-    the loop spends outside the model (queue handling, hand-over, waiting for the interpreter lock)."""
+    the engine loop spends outside the model (taking commands, handing over outputs)."""
 
     def __init__(self, window: int = 100_000) -> None:
         self.gaps: deque[float] = deque(maxlen=window)
         self.steps: deque[float] = deque(maxlen=window)
         self.max_gap = 0.0
-        # Recorded by the loop thread, read by others.
+        # Recorded on the event loop, read from other threads too (tests, benchmarks).
         self._lock = threading.Lock()
 
     def record(self, step_s: float, gap_s: float | None) -> None:

@@ -20,7 +20,7 @@ def aborts(server) -> float:
 def test_stream_disconnect_aborts_within_one_step(server):
     server.wait_idle()
     before = aborts(server)
-    server.ctx.loop.abort_delays.clear()
+    server.ctx.engine.abort_delays.clear()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     stream = client.completions.create(stream=True, **LONG)
     for received, _ in enumerate(stream, 1):
@@ -29,8 +29,9 @@ def test_stream_disconnect_aborts_within_one_step(server):
     stream.close()
     server.wait_idle()
     assert aborts(server) == before + 1
-    assert list(server.ctx.loop.abort_delays) and max(server.ctx.loop.abort_delays) <= 1
-    assert server.engine.block_manager.num_free_blocks == server.engine.block_manager.num_blocks
+    delays = list(server.ctx.engine.abort_delays)
+    assert delays and max(delays) <= 1
+    assert server.pool_is_whole()
 
 
 def test_non_streaming_disconnect_aborts(server):
@@ -47,4 +48,4 @@ def test_non_streaming_disconnect_aborts(server):
         time.sleep(0.02)
     assert aborts(server) == before + 1
     server.wait_idle()
-    assert server.engine.block_manager.num_free_blocks == server.engine.block_manager.num_blocks
+    assert server.pool_is_whole()

@@ -13,6 +13,7 @@ from tests.serve.server import MODEL_NAME, ServerThread
 NUM_REQUESTS = 200
 NUM_PROMPTS = 20
 MAX_TOKENS = 24
+NUM_KV_BLOCKS = 600
 
 
 def test_concurrent_streams_with_cancellations(tiny_folder, offline):
@@ -25,7 +26,7 @@ def test_concurrent_streams_with_cancellations(tiny_folder, offline):
     cancel_after = {i: rng.randint(0, MAX_TOKENS // 2) for i in rng.sample(range(NUM_REQUESTS), NUM_REQUESTS // 3)}
 
     # A KV pool smaller than the load needs: requests are also preempted and recomputed.
-    with ServerThread(tiny_folder, block_size=4, num_kv_blocks=600) as server:
+    with ServerThread(tiny_folder, block_size=4, num_kv_blocks=NUM_KV_BLOCKS) as server:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
         async def one(i: int) -> tuple[str, str | None] | None:
@@ -50,9 +51,9 @@ def test_concurrent_streams_with_cancellations(tiny_folder, offline):
         async def main():
             return await asyncio.gather(*[one(i) for i in range(NUM_REQUESTS)])
 
-        server.ctx.loop.gaps.reset()
+        server.ctx.engine.gaps.reset()
         results = asyncio.run(main())
-        gaps = server.ctx.loop.gaps.summary()
+        gaps = server.ctx.engine.gaps.summary()
         print(f"\nstep gaps under load: {gaps['gap']}\nsteps: {gaps['step']}")
 
         for i, result in enumerate(results):
@@ -61,13 +62,11 @@ def test_concurrent_streams_with_cancellations(tiny_folder, offline):
                 assert result == (want.text, want.finish_reason), i
 
         server.wait_idle()
-        pool = server.engine.block_manager
-        assert pool.num_free_blocks == pool.num_blocks
-        assert not server.engine.requests
+        assert server.pool_is_whole()
         metrics = scrape(server.url)
         assert metrics["slimserve_num_requests_running"] == 0 and metrics["slimserve_num_requests_waiting"] == 0
         assert metrics["slimserve_kv_cache_usage_perc"] == 0
-        assert metrics["slimserve_kv_cache_free_blocks"] == metrics["slimserve_kv_cache_blocks"] == pool.num_blocks
+        assert metrics["slimserve_kv_cache_free_blocks"] == metrics["slimserve_kv_cache_blocks"] == NUM_KV_BLOCKS
         done = finished(metrics, "stop") + finished(metrics, "length")
         assert done + finished(metrics, "abort") == NUM_REQUESTS
         assert NUM_REQUESTS - len(cancel_after) <= done

@@ -167,6 +167,6 @@ def test_models_health_and_default_lengths(client, server):
     response = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}
     )
-    assert response.usage.prompt_tokens + response.usage.completion_tokens == server.engine.max_model_len
+    assert response.usage.prompt_tokens + response.usage.completion_tokens == server.ctx.preprocessor.max_model_len
     assert response.choices[0].finish_reason == "length"
     assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}

@@ -176,8 +176,8 @@ def test_engine_loop_is_not_starved_by_parsing(server_process, capsys):
         print(f"\nquiet:   step gaps {quiet_gap}, steps {quiet_step}")
         print(f"flooded: step gaps {gap}, steps {step}, {sent} requests rejected meanwhile")
     assert sent > 0 and gap["count"] >= 59
-    # The loop goes straight from one step to the next; the flood may slow the steps (one interpreter
-    # lock, two cores), never leave the engine waiting on the front end.
+    # The engine process goes straight from one step to the next; the flood may slow its steps (the front
+    # end's process competes for the same cores), never leave it waiting on the front end.
     assert gap["mean_ms"] < 10 and gap["p99_under_ms"] <= 50
 
 

@@ -55,13 +55,13 @@ def check_error(response: httpx2.Response, status: int, param: str | None) -> di
 @pytest.mark.parametrize(("route", "body", "status", "param"), BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
 def test_bad_request(server, route, body, status, param):
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    free = server.engine.block_manager.num_free_blocks
+    free = server.stats.num_free_blocks
     for stream in (False, True):
         if stream and isinstance(body, dict):
             kwargs = {"json": {**body, "stream": True}} if "stream" not in body else kwargs
         check_error(httpx2.post(f"{server.url}/v1/{route}", **kwargs), status, param)
     server.wait_idle()
-    assert server.engine.block_manager.num_free_blocks == free
+    assert server.stats.num_free_blocks == free
 
 
 def test_unknown_route_and_method(server):
