@@ -110,9 +110,21 @@ def main() -> None:
         calibration[source] = Calibration(data, source)
         timings[f"calibration_{source}_s"] = time.perf_counter() - start
 
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"quality-{name}")
+    header = {
+        "model": args.model,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "host": platform.node(),
+        "text": text_name,
+        "windows": len(wins),
+        "context": args.context,
+        "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, **timings},
+        "note": REFERENCE_NOTE,
+    }
     rows: list[Row] = []
     results: dict[str, dict] = {}
-    reference_quality = None
     for first in range(0, len(variants), args.chunk):
         models = {}
         for label, config, calib in variants[first : first + args.chunk]:
@@ -128,41 +140,31 @@ def main() -> None:
             }
             models[label] = model.to(device)
         quality = compare(reference.to(device), models, wins)
-        reference_quality = quality["reference"]
+        if not rows:
+            rows.append(Row("reference (dequantized GGUF)", module_bytes(reference), quality["reference"]))
+            header["reference"] = quality["reference"].to_dict() | {"size_bytes": rows[0].size_bytes}
         for label in models:
             results[label].update(quality[label].to_dict())
             rows.append(Row(label, results[label]["size_bytes"], quality[label], results[label]["calibration"]))
         del models
         gc.collect()
-    rows.insert(0, Row("reference (dequantized GGUF)", module_bytes(reference), reference_quality))
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"quality-{name}")
-    table = markdown(rows, f"{text_name}, {len(wins)} windows of {args.context} tokens")
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Quality of compression schemes: {name}\n\n{REFERENCE_NOTE}\n\n{table}")
-    plot(rows, stem + ".png", f"{name}: {text_name}, {len(wins)} x {args.context} tokens")
-    with open(stem + ".json", "w") as f:
-        json.dump(
-            {
-                "model": args.model,
-                "command": " ".join([sys.executable, *sys.argv]),
-                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                "host": platform.node(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "text": text_name,
-                "windows": len(wins),
-                "context": args.context,
-                "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, **timings},
-                "note": REFERENCE_NOTE,
-                "reference": reference_quality.to_dict() | {"size_bytes": module_bytes(reference)},
-                "variants": results,
-            },
-            f,
-            indent=2,
-        )
+        # Written after every chunk, so a long run leaves its finished variants behind.
+        table = write_outputs(stem, name, header, results, rows, len(wins), args.context, text_name)
     print(REFERENCE_NOTE)
     print(table)
+
+
+def write_outputs(
+    stem: str, name: str, header: dict, results: dict, rows: list[Row], n_windows: int, context: int, text_name: str
+) -> str:
+    table = markdown(rows, f"{text_name}, {n_windows} windows of {context} tokens")
+    with open(stem + ".md", "w") as f:
+        f.write(f"# Quality of compression schemes: {name}\n\n{REFERENCE_NOTE}\n\n{table}")
+    plot(rows, stem + ".png", f"{name}: {text_name}, {n_windows} x {context} tokens")
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    with open(stem + ".json", "w") as f:
+        json.dump({**header, "date": date, "variants": results}, f, indent=2)
+    return table
 
 
 if __name__ == "__main__":
