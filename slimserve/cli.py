@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from slimserve.compress.cli import add_compress_parser, add_eval_parser
 from slimserve.errors import SlimserveError
 from slimserve.serve.bench_client import add_bench_serve_parser
 from slimserve.serve.cli import add_serve_parser
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_parser(bench_sub)
     add_serve_parser(sub)
+    add_compress_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -40,7 +40,7 @@ def target_linears(module: nn.Module, prefix: str, ignore: tuple[str, ...]) -> d
     """The nn.Linear submodules to quantize, by full name."""
     out = {}
     for name, sub in module.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
+        full = f"{prefix}.{name}" if prefix and name else (name or prefix)
         if isinstance(sub, nn.Linear) and not is_ignored(full, ignore):
             out[full] = sub
     return out

@@ -93,9 +93,7 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args
     return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8)
 
 
-def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args: QuantArgs
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
     """(q - zp) * scale in the scale's dtype."""
     b = _blocked(q.to(scale.dtype), args)
     if zp is not None:

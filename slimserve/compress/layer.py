@@ -1,0 +1,178 @@
+"""Quantize one decoder layer: balance (SmoothQuant or AWQ), collect statistics, swap its linear layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimserve.compress.args import QuantArgs
+from slimserve.compress.configs import QuantConfig
+from slimserve.compress.modules import QuantizedLinear
+from slimserve.compress.quant import awq, kv
+from slimserve.compress.quant.gptq import HessianAccumulator, gptq
+from slimserve.compress.quant.rtn import QuantizedWeight, rtn
+from slimserve.compress.quant.smoothquant import AbsMax, smooth_scales
+from slimserve.compress.report import CompressionReport, LayerRecord, LinearRecord
+from slimserve.compress.structure import BalanceGroup, apply_balance, balance_groups, linear_of, target_linears
+
+RunLayer = Callable[[], Any]
+
+
+class LayerQuantizer:
+    def __init__(
+        self, layer: nn.Module, prefix: str, config: QuantConfig, record: LayerRecord, report: CompressionReport
+    ) -> None:
+        self.layer, self.prefix, self.config = layer, prefix, config
+        self.record, self.report = record, report
+        self.wargs: QuantArgs = config.weight_args()
+        self.iargs: QuantArgs | None = config.input_args()
+        self.targets = target_linears(layer, prefix, config.ignore)
+        self.local = {full: full[len(prefix) + 1 :] if prefix else full for full in self.targets}
+        self.hessians: dict[str, HessianAccumulator] = {}
+        self.act_absmax: dict[str, AbsMax] = {}
+        self.reference: dict[str, torch.Tensor] = {}  # weights before AWQ clipping, to measure errors against
+
+    def _groups(self, norm_only: bool) -> list[BalanceGroup]:
+        """Balance groups whose linears are all quantized (scaling an ignored layer would be pointless)."""
+        names = set(self.local.values())
+        return [
+            g
+            for g in balance_groups(self.layer)
+            if all(n in names for n in g.linears) and not (norm_only and isinstance(g.prev, nn.Linear))
+        ]
+
+    def _hook_inputs(self, modules: dict[str, nn.Module], collect: Callable[[str, torch.Tensor], None]) -> list:
+        def make(name: str):
+            return lambda mod, inputs, out: collect(name, inputs[0])
+
+        return [m.register_forward_hook(make(n)) for n, m in modules.items()]
+
+    @torch.no_grad()
+    def calibrate(self, run: RunLayer) -> None:
+        if self.config.smoothquant is not None:
+            self._smooth(run)
+        if self.config.method == "awq":
+            self._awq(run)
+        self._collect_stats(run)
+
+    def _smooth(self, run: RunLayer) -> None:
+        groups = self._groups(norm_only=True)
+        stats = {g.linears[0]: AbsMax() for g in groups}
+        handles = self._hook_inputs(
+            {g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, lambda n, x: stats[n].add(x)
+        )
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        for g in groups:
+            weights = [linear_of(self.layer, n).weight for n in g.linears]
+            s = smooth_scales(stats[g.linears[0]].value, weights, self.config.smoothquant.alpha)
+            apply_balance(self.layer, g, s)
+            self.record.balance[g.prev_name] = {"max_scale": s.max().item(), "min_scale": s.min().item()}
+
+    def _awq(self, run: RunLayer) -> None:
+        opts = self.config.awq
+        groups = self._groups(norm_only=False)
+        samplers = {g.linears[0]: awq.InputSampler(opts.max_tokens) for g in groups}
+        handles = self._hook_inputs(
+            {g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, lambda n, x: samplers[n].add(x)
+        )
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        for g in groups:
+            sampler = samplers[g.linears[0]]
+            x = sampler.sample(opts.max_tokens)
+            weights = [linear_of(self.layer, n).weight for n in g.linears]
+            s, err, plain = awq.search_scale(weights, x, sampler.mean_abs(), self.wargs, opts)
+            apply_balance(self.layer, g, s)
+            self.record.balance[g.prev_name] = {"error": err, "error_unscaled": plain}
+            if not opts.clip:
+                continue
+            xs = (sampler.sample(opts.clip_tokens) / s).to(x.dtype)
+            for n in g.linears:
+                if n.endswith(("q_proj", "k_proj")):
+                    continue  # their error is squashed by the softmax; clipping them tends to hurt
+                lin = linear_of(self.layer, n)
+                self.reference[f"{self.prefix}.{n}"] = lin.weight.detach().clone()
+                lin.weight.copy_(awq.search_clip(lin.weight, xs, self.wargs, opts).to(lin.weight.dtype))
+
+    def _collect_stats(self, run: RunLayer) -> None:
+        device = next(self.layer.parameters()).device
+        static_act = self.iargs is not None and not self.iargs.dynamic
+        for full, lin in self.targets.items():
+            self.hessians[full] = HessianAccumulator(lin.in_features, device)
+            if static_act:
+                self.act_absmax[full] = AbsMax()
+
+        def collect(name: str, x: torch.Tensor) -> None:
+            self.hessians[name].add(x)
+            if static_act:
+                self.act_absmax[name].add(x)
+
+        handles = self._hook_inputs(dict(self.targets), collect)
+        observers: dict[nn.Module, kv.KVObserver] = {}
+        if self.config.kv_cache is not None:
+            for attn in kv.attention_modules(self.layer):
+                observers[attn] = kv.KVObserver()
+                handles.append(kv.attach(attn, None, observers[attn]))
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        if self.config.kv_cache is not None:
+            kv_args = self.config.kv_cache.args()
+            for attn, obs in observers.items():
+                kv.set_scales(attn, obs, kv_args, next(attn.parameters()).dtype)
+                kv.attach(attn, kv_args)
+
+    @torch.no_grad()
+    def quantize(self) -> None:
+        for full, lin in self.targets.items():
+            self.record.linears[self.local[full]] = self._quantize_linear(full, lin)
+
+    def _quantize_linear(self, full: str, lin: nn.Linear) -> LinearRecord:
+        w = lin.weight.detach()
+        dtype = w.dtype
+        acc = self.hessians.get(full)
+        method, damping = self.config.method, None
+        result: QuantizedWeight | None = None
+        if method == "gptq":
+            out = gptq(w, acc.h, self.wargs, self.config.gptq, dtype)
+            if out is None:
+                self.report.gptq_fallbacks.append(full)
+                method = "rtn (gptq fallback)"
+            else:
+                result, damping = out.weight, out.damping
+        if result is None:
+            result = rtn(w, self.wargs, dtype)
+        input_scale = None
+        if full in self.act_absmax:
+            amax = self.act_absmax[full].value.amax()
+            input_scale = torch.where(amax > 0, amax / self.iargs.qmax, torch.ones_like(amax)).reshape(1).to(dtype)
+        module = QuantizedLinear(
+            result.q, result.scale, result.zero_point, lin.bias, self.wargs, self.iargs, self.config.format, input_scale
+        )
+        parent_name, _, child = self.local[full].rpartition(".")
+        setattr(self.layer.get_submodule(parent_name) if parent_name else self.layer, child, module)
+        return _errors(self.reference.get(full, w), result.dequantize(self.wargs), acc, method, damping)
+
+
+def _errors(
+    w: torch.Tensor, wq: torch.Tensor, acc: HessianAccumulator | None, method: str, damping: float | None
+) -> LinearRecord:
+    w, d = w.float(), (wq.float() - w.float())
+    weight_error = (d.norm() / w.norm().clamp(min=1e-12)).item()
+    output_error = None
+    if acc is not None and acc.n > 0:
+        h = acc.h
+        output_error = ((d @ h) * d).sum().item() / max(((w @ h) * w).sum().item(), 1e-12)
+    return LinearRecord(method, weight_error, output_error, damping)

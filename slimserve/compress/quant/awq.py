@@ -1,0 +1,95 @@
+"""AWQ (Lin et al., 2023): protect the weight channels that see large activations by scaling them up before
+rounding (and the activations down by the same factor, folded into the previous operation), then clip each
+group's range where that lowers the output error."""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.compress.args import QuantArgs
+from slimserve.compress.configs import AWQOptions
+from slimserve.compress.quant import qdq
+
+
+class InputSampler:
+    """Mean |x| per input channel over all tokens, plus a uniform sample of token rows to score with."""
+
+    def __init__(self, max_tokens: int, seed: int = 0) -> None:
+        self.max_tokens = max_tokens
+        self.abs_sum: torch.Tensor | None = None
+        self.n = 0
+        self.rows: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        s = x.abs().sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.n += x.shape[0]
+        self.rows.append(x)
+        kept = sum(r.shape[0] for r in self.rows)
+        if kept > 2 * self.max_tokens:
+            self.rows = [self._subsample(torch.cat(self.rows), self.max_tokens)]
+
+    def _subsample(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        idx = torch.randperm(x.shape[0], generator=self.gen)[:k].to(x.device)
+        return x[idx]
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.n
+
+    def sample(self, k: int) -> torch.Tensor:
+        x = torch.cat(self.rows)
+        return x if x.shape[0] <= k else self._subsample(x, k)
+
+
+@torch.no_grad()
+def search_scale(
+    weights: list[torch.Tensor], x: torch.Tensor, x_mean_abs: torch.Tensor, args: QuantArgs, opts: AWQOptions
+) -> tuple[torch.Tensor, float, float]:
+    """The per-input-channel scale s = mean|x|^alpha (alpha on a grid) that minimizes the output error of
+    the linears fed by x when their weights W * s are rounded. Returns s, the best error and the error
+    without scaling (alpha = 0)."""
+    w = torch.cat([t.float() for t in weights])
+    ref = x @ w.t()
+    best, best_err, plain_err = torch.ones_like(x_mean_abs), float("inf"), float("inf")
+    for k in range(opts.grid):
+        alpha = k / opts.grid
+        s = x_mean_abs.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        wq = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
+        err = (x @ wq.t() - ref).pow(2).mean().item()
+        if k == 0:
+            plain_err = err
+        if err < best_err:
+            best, best_err = s, err
+    return best, best_err, plain_err
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, opts: AWQOptions) -> torch.Tensor:
+    """w with each group's range shrunk by the ratio (1 down to max_shrink) that minimizes that group's
+    output error on the sample x."""
+    w = w.float()
+    rows, cols = w.shape
+    gs = args.group_size if args.strategy == "group" else cols
+    wg = w.view(rows, cols // gs, gs)
+    xg = x.float().view(x.shape[0], cols // gs, gs)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    if args.symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    best_ratio = torch.ones(rows, cols // gs, 1, device=w.device)
+    best_err = torch.full((rows, cols // gs, 1), float("inf"), device=w.device)
+    chunk = max(1, (1 << 26) // max(1, x.shape[0] * (cols // gs)))  # bounds the (tokens, rows, groups) error
+    for step in range(opts.clip_grid):
+        r = 1 - step * (1 - opts.max_shrink) / max(1, opts.clip_grid - 1)
+        clipped = torch.maximum(torch.minimum(wg, hi * r), lo * r).view(rows, cols)
+        delta = (qdq.fake_quantize_weight(clipped, args, torch.float32) - w).view(rows, cols // gs, gs)
+        err = torch.cat(
+            [torch.einsum("ogk,ngk->nog", delta[i : i + chunk], xg).pow(2).mean(0) for i in range(0, rows, chunk)]
+        ).unsqueeze(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+    return torch.maximum(torch.minimum(wg, hi * best_ratio), lo * best_ratio).view(rows, cols)

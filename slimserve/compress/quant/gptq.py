@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column and push each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 X X^T / n).
+
+Act-order processes columns by decreasing Hessian diagonal. With groups it keeps "static" groups: every
+group's scale comes from its original columns before the loop, so the checkpoint needs no column
+permutation (g_idx) and loads in every runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimserve.compress.args import QuantArgs
+from slimserve.compress.configs import GPTQOptions
+from slimserve.compress.quant import qdq
+from slimserve.compress.quant.rtn import QuantizedWeight
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum x x^T over every input row a linear layer sees, in float32."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.h.addmm_(x.t(), x)
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    damping: float  # the damping that made the Cholesky factorization succeed
+
+
+def _inverse_cholesky(h: torch.Tensor, opts: GPTQOptions) -> tuple[torch.Tensor, float] | None:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold until it exists."""
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = opts.damping
+    for _ in range(opts.max_damping_retries + 1):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10
+    return None
+
+
+def _column_params(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale/zero point over the columns of w (out, k), one per row."""
+    return qdq.qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args, dtype)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype) -> GPTQResult | None:
+    """Quantize w (out, in) given the Hessian of its inputs; None when H is unusable (not finite)."""
+    if args.strategy not in ("channel", "group") or args.type != "int":
+        raise ValueError(f"GPTQ handles integer per-channel or group weights, not {args.type}/{args.strategy}")
+    if not torch.isfinite(h).all():
+        return None
+    W = w.float().clone()
+    H = h.float().clone()
+    rows, cols = W.shape
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    gs = args.group_size if args.strategy == "group" else cols
+    groups = cols // gs
+    scale = torch.empty(rows, groups, dtype=dtype, device=W.device)
+    zp = None if args.symmetric else torch.empty(rows, groups, dtype=torch.int8, device=W.device)
+    # Per-channel scales, and group scales under act-order, are fixed from the original weight.
+    static = args.strategy == "channel" or opts.actorder
+    if static:
+        for g in range(groups):
+            s, z = _column_params(W[:, g * gs : (g + 1) * gs], args, dtype)
+            scale[:, g : g + 1] = s
+            if zp is not None:
+                zp[:, g : g + 1] = z
+
+    perm = torch.argsort(torch.diagonal(H), descending=True) if opts.actorder else torch.arange(cols)
+    perm = perm.to(W.device)
+    order = perm.tolist()  # read column indices on the host: no device sync per column
+    W, H = W[:, perm], H[perm][:, perm]
+    inv = _inverse_cholesky(H, opts)
+    if inv is None:
+        return None
+    hinv, damp = inv
+
+    # Blocks hold whole groups so that a group's dynamic scale is set while all its columns are in the block.
+    bs = max(opts.block_size // gs, 1) * gs if not static else opts.block_size
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            g = col // gs
+            if not static and col % gs == 0:
+                s, z = _column_params(W1[:, i : i + gs], args, dtype)
+                scale[:, g : g + 1] = s
+                if zp is not None:
+                    zp[:, g : g + 1] = z
+            s = scale[:, g].float()
+            z = None if zp is None else zp[:, g].float()
+            scaled = W1[:, i] / s + (0 if z is None else z)
+            q = scaled.clamp(args.qmin, args.qmax).round()
+            deq = (q - (0 if z is None else z)) * s
+            Q[:, i1 + i] = q
+            e = (W1[:, i] - deq) / hinv1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(QuantizedWeight(Q.to(torch.int8), scale, zp), damp)

@@ -1,0 +1,61 @@
+"""SmoothQuant and AWQ: scales move between activations and weights without changing the function."""
+
+import pytest
+import torch
+
+from slimserve.compress.args import QuantArgs
+from slimserve.compress.configs import AWQOptions
+from slimserve.compress.quant import awq, qdq
+from slimserve.compress.quant.smoothquant import smooth_scales
+from slimserve.compress.structure import apply_balance, balance_groups
+
+from .conftest import samples, tiny_model
+
+
+def test_balance_groups_of_a_llama_layer():
+    layer = tiny_model("llama").model.layers[0]
+    names = [(g.prev_name, g.linears) for g in balance_groups(layer)]
+    assert names == [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ("mlp.up_proj", ["mlp.down_proj"]),
+    ]  # no v -> o group: with grouped-query attention v_proj is narrower than o_proj's input
+    assert len(balance_groups(tiny_model("llama", num_key_value_heads=4).model.layers[0])) == 4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_apply_balance_keeps_the_function(family):
+    model = tiny_model(family, num_key_value_heads=4)
+    ids = samples(1, 20)[0]
+    with torch.no_grad():
+        before = model(ids).logits
+        for layer in model.model.layers:
+            for g in balance_groups(layer):
+                width = layer.get_submodule(g.linears[0]).in_features
+                apply_balance(layer, g, torch.rand(width) * 4 + 0.25)
+        after = model(ids).logits
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_flattens_activation_outliers():
+    act = torch.tensor([100.0, 1.0, 1.0, 1.0])
+    w = torch.ones(3, 4)
+    s = smooth_scales(act, [w], alpha=0.5)
+    assert torch.allclose(act / s, (w * s).abs().amax(0))  # alpha 0.5 balances both ranges
+
+
+def test_awq_scale_and_clip_never_hurt():
+    torch.manual_seed(0)
+    x = torch.randn(256, 64) * (torch.rand(64) * 10)
+    w = torch.randn(32, 64)
+    args = QuantArgs(4, "int", True, "group", 32)
+    opts = AWQOptions()
+    s, err, plain = awq.search_scale([w], x, x.abs().mean(0), args, opts)
+    assert err <= plain
+    ref = x @ w.t()
+    scaled = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
+    assert ((x @ scaled.t() - ref) ** 2).mean().item() < plain
+    clipped = awq.search_clip(w, x, args, opts)
+    plain_q = qdq.fake_quantize_weight(w, args, torch.float32)
+    clip_q = qdq.fake_quantize_weight(clipped, args, torch.float32)
+    assert ((x @ clip_q.t() - ref) ** 2).mean() <= ((x @ plain_q.t() - ref) ** 2).mean()
