@@ -29,6 +29,7 @@ def main() -> None:
             out = fn(*a, **k)
             timings[name] += time.perf_counter() - t
             return out
+
         return wrapper
 
     runner.execute = timed("execute", original_execute)
@@ -39,8 +40,10 @@ def main() -> None:
     while engine.has_unfinished_requests():
         tokens += len(engine.step())
     total = time.perf_counter() - start
-    print(f"{tokens} tokens in {total * 1e3:.1f} ms: {tokens / total:.0f} tok/s, "
-          f"schedule {timings['schedule'] * 1e3:.1f} ms, execute {timings['execute'] * 1e3:.1f} ms")
+    print(
+        f"{tokens} tokens in {total * 1e3:.1f} ms: {tokens / total:.0f} tok/s, "
+        f"schedule {timings['schedule'] * 1e3:.1f} ms, execute {timings['execute'] * 1e3:.1f} ms"
+    )
     graph = runner.graphs[min(b for b in runner.graphs if b >= args.batch)]
     torch.cuda.synchronize()
     t = time.perf_counter()
