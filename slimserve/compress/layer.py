@@ -50,6 +50,18 @@ class LayerQuantizer:
 
         return [m.register_forward_hook(make(n)) for n, m in modules.items()]
 
+    def _run_observing_group_inputs(
+        self, groups: list, collect: Callable[[str, torch.Tensor], None], run: RunLayer
+    ) -> None:
+        """Run the layer once with `collect` seeing the input of each group's first linear (its inputs are
+        the whole group's)."""
+        handles = self._hook_inputs({g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, collect)
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+
     @torch.no_grad()
     def calibrate(self, run: RunLayer) -> None:
         if self.config.smoothquant is not None:
@@ -61,14 +73,7 @@ class LayerQuantizer:
     def _smooth(self, run: RunLayer) -> None:
         groups = self._groups(norm_only=True)
         stats = {g.linears[0]: AbsMax() for g in groups}
-        handles = self._hook_inputs(
-            {g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, lambda n, x: stats[n].add(x)
-        )
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
+        self._run_observing_group_inputs(groups, lambda n, x: stats[n].add(x), run)
         for g in groups:
             weights = [linear_of(self.layer, n).weight for n in g.linears]
             s = smooth_scales(stats[g.linears[0]].value, weights, self.config.smoothquant.alpha)
@@ -79,14 +84,7 @@ class LayerQuantizer:
         opts = self.config.awq
         groups = self._groups(norm_only=False)
         samplers = {g.linears[0]: awq.InputSampler(opts.max_tokens) for g in groups}
-        handles = self._hook_inputs(
-            {g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, lambda n, x: samplers[n].add(x)
-        )
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
+        self._run_observing_group_inputs(groups, lambda n, x: samplers[n].add(x), run)
         for g in groups:
             sampler = samplers[g.linears[0]]
             x = sampler.sample(opts.max_tokens)
