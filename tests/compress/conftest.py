@@ -25,48 +25,31 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+# The sizes every tiny test model shares; each family adds what makes it that family.
+SMALL = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+)
+
+
 def llama_config(**kw) -> LlamaConfig:
-    base = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
+    base = dict(SMALL, tie_word_embeddings=True)
     return LlamaConfig(**{**base, **kw})
 
 
 def qwen2_config(**kw) -> Qwen2Config:
-    base = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+    base = dict(SMALL, tie_word_embeddings=False)
     return Qwen2Config(**{**base, **kw})
 
 
 def gemma3_config(**kw) -> Gemma3TextConfig:
     """Gemma 3: sliding and full attention layers (different masks and rotary tables), norms scaling by 1 + w."""
-    base = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        vocab_size=VOCAB,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512,
-    )
+    base = dict(SMALL, head_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     return Gemma3TextConfig(**{**base, **kw})
 
 
