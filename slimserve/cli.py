@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
-from slimserve.errors import SlimserveError
+from slimserve.errors import run_reporting_bad_input
 from slimserve.serve.bench_client import add_bench_serve_parser
 from slimserve.serve.cli import add_serve_parser
 
@@ -269,10 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
-    except SlimserveError as e:
-        print(f"slimserve {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_reporting_bad_input(args.command, lambda: args.func(args))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -1,5 +1,8 @@
 """Errors that mean "the input is wrong", so the CLI can print one line and exit non-zero."""
 
+import sys
+from collections.abc import Callable
+
 
 class SlimserveError(ValueError):
     """Base class: every user-facing input error is a ValueError subclass."""
@@ -23,3 +26,12 @@ class SamplingParamsError(SlimserveError):
 
 class PromptTooLongError(SlimserveError):
     """A prompt that does not fit into max_model_len."""
+
+
+def run_reporting_bad_input(command: str, run: Callable[[], object]) -> None:
+    """Run a command-line handler; bad input becomes one line on stderr and exit status 1."""
+    try:
+        run()
+    except SlimserveError as e:
+        print(f"slimserve {command}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from slimserve.errors import SlimserveError
+from slimserve.errors import run_reporting_bad_input
 from slimserve.serve.cli import configure_serve_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = configure_serve_parser(argparse.ArgumentParser(prog="python -m slimserve.serve"))
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except SlimserveError as e:
-        print(f"slimserve serve: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_reporting_bad_input("serve", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from slimserve.errors import SlimserveError
+from slimserve.errors import SlimserveError, run_reporting_bad_input
 from slimserve.serve.bench_metrics import RequestResult, format_table, parse_slos, summarize
 
 
@@ -196,11 +196,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = configure_bench_serve_parser(argparse.ArgumentParser(prog="python -m slimserve.serve.bench_client"))
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except SlimserveError as e:
-        print(f"slimserve bench serve: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_reporting_bad_input("bench serve", lambda: args.func(args))
 
 
 if __name__ == "__main__":
