@@ -38,7 +38,7 @@ def main() -> None:
     start = time.perf_counter()
     tokens = 0
     while engine.has_unfinished_requests():
-        tokens += len(engine.step())
+        tokens += sum(len(out.new_token_ids) for out in engine.step())
     total = time.perf_counter() - start
     print(
         f"{tokens} tokens in {total * 1e3:.1f} ms: {tokens / total:.0f} tok/s, "

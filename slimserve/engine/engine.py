@@ -137,6 +137,8 @@ class LLMEngine:
         outputs = []
         for j, i in enumerate(result.rows):
             seq = batch.seqs[i]
+            request = self.requests[seq.request_id]
+            deltas, new_ids = [], []
             for step, token in enumerate(result.token_ids[j]):
                 seq.token_ids.append(token)
                 if result.logprobs is not None:
@@ -147,16 +149,22 @@ class LLMEngine:
                         if result.top_logprobs is not None:
                             entry.update(list(result.top_logprobs[j][step].items())[: seq.params.logprobs])
                         seq.logprobs.append(entry)
-                outputs.append(self._advance(seq, token))
+                new_ids.append(token)
+                deltas.append(self._advance(request, token))
                 if seq.finished:
                     break
+            # One output per request per step, however many tokens the step produced: building an output
+            # copies the sequence's tokens, so one per token would cost quadratic time over a long output.
+            outputs.append(self._output(request, "".join(deltas), new_ids))
             if batch.num_steps > 1 and not seq.finished:
                 seq.num_computed_tokens += batch.num_steps
                 self.block_manager.register_full_blocks(seq)
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        request = self.requests[seq.request_id]
+    def _advance(self, request: _Request, token: int) -> str:
+        """Checks the new token against the stop conditions (finishing the request on one) and returns
+        the text it adds."""
+        seq = request.seq
         params = seq.params
         delta = request.detokenizer.add(token) if request.incremental else ""
         reason, stop_reason = None, None
@@ -174,7 +182,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             seq.stop_reason = stop_reason
             del self.requests[seq.request_id]
-        return self._output(request, delta, [token])
+        return delta
 
     @staticmethod
     def _check_stop_strings(request: _Request, delta: str) -> tuple[str | None, str | None, str]:

@@ -40,17 +40,22 @@ _STEP_STARTS_KEPT = 8
 
 
 def token_deltas(outputs: list[RequestOutput]) -> list[TokenDelta]:
-    """One delta per request out of a step's outputs (the engine returns one output per new token)."""
-    grouped: dict[str, list[RequestOutput]] = {}
-    for out in outputs:
-        grouped.setdefault(out.request_id, []).append(out)
+    """The step's outputs (one per request that advanced) as the deltas the front end streams."""
     deltas = []
-    for request_id, outs in grouped.items():
-        last = outs[-1].outputs[0]
-        token_ids = [t for out in outs for t in out.new_token_ids]
-        logprobs = None if last.logprobs is None else last.logprobs[len(last.logprobs) - len(token_ids) :]
-        text = "".join(out.new_text for out in outs)
-        deltas.append(TokenDelta(request_id, token_ids, logprobs, text, last.finish_reason, last.stop_reason))
+    for out in outputs:
+        completion = out.outputs[0]
+        new = len(out.new_token_ids)
+        logprobs = None if completion.logprobs is None else completion.logprobs[len(completion.logprobs) - new :]
+        deltas.append(
+            TokenDelta(
+                out.request_id,
+                out.new_token_ids,
+                logprobs,
+                out.new_text,
+                completion.finish_reason,
+                completion.stop_reason,
+            )
+        )
     return deltas
 
 
