@@ -85,6 +85,10 @@ def main() -> None:
         torch.cuda.synchronize()
     total_s = time.perf_counter() - start
 
+    # The goal: peak memory under 1.5x (one decoder layer + the calibration activations entering and leaving it).
+    layer_mb = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters()) / 2**20
+    activations_mb = 2 * args.num_samples * args.seq_len * model.config.hidden_size * dtype.itemsize / 2**20
+    budget_mb = 1.5 * (layer_mb + activations_mb)
     per_layer = [{"layer": r.index, "seconds": r.seconds, "peak_memory_mb": r.peak_memory_mb} for r in report.layers]
     layer_s = [r.seconds for r in report.layers if r.index >= 0]
     result = {
@@ -100,17 +104,21 @@ def main() -> None:
         "total_seconds": total_s,
         "mean_layer_seconds": sum(layer_s) / len(layer_s),
         "peak_memory_mb": report.peak_memory_mb,
+        "decoder_layer_mb": layer_mb,
+        "activations_mb": activations_mb,
+        "peak_budget_mb": budget_mb,
+        "peak_within_budget": report.peak_memory_mb <= budget_mb,
         "per_layer": per_layer,
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"calibration-{args.shape}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print("| shape | layers | samples x len | total (s) | per layer (s) | peak memory (MB) | device |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| shape | layers | samples x len | total (s) | per layer (s) | peak memory (MB) | budget (MB) | device |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     print(
         f"| {args.shape} | {len(layer_s)} | {args.num_samples} x {args.seq_len} | {total_s:.1f} | "
-        f"{result['mean_layer_seconds']:.2f} | {report.peak_memory_mb:.0f} | {result['device']} |"
+        f"{result['mean_layer_seconds']:.2f} | {report.peak_memory_mb:.0f} | {budget_mb:.0f} | {result['device']} |"
     )
     print(f"wrote {path}")
 
