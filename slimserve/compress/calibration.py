@@ -86,6 +86,14 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[st
 
 
 @torch.no_grad()
+def advance_inputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> None:
+    """Replace each sample's hidden states by the layer's output, one sample at a time, so that the inputs
+    and the outputs of the whole calibration set never both sit in accelerator memory."""
+    for j, kw in enumerate(kwargs):
+        hidden[j] = _layer_output(layer(hidden[j], **kw))
+
+
+@torch.no_grad()
 def quantize_sequential(
     model: nn.Module,
     config: QuantConfig,
@@ -111,7 +119,7 @@ def quantize_sequential(
         if hidden is not None:
             quantizer.calibrate(partial(run_layer, layer, hidden, kwargs[i]))
             quantizer.quantize()
-            hidden = run_layer(layer, hidden, kwargs[i])
+            advance_inputs(layer, hidden, kwargs[i])
         else:
             quantizer.quantize()
         layer.to(home)

@@ -136,6 +136,7 @@ class LayerQuantizer:
     def quantize(self) -> None:
         for full, lin in self.targets.items():
             self.record.linears[self.local[full]] = self._quantize_linear(full, lin)
+            self.hessians.pop(full, None)  # freed as soon as used: the MLP's is the layer's largest tensor
 
     def _quantize_linear(self, full: str, lin: nn.Linear) -> LinearRecord:
         w = lin.weight.detach()

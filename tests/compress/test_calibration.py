@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimserve.compress import Calibration, Int4WeightOnly, quantize_
-from slimserve.compress.calibration import capture_inputs, run_layer
+from slimserve.compress.calibration import advance_inputs, capture_inputs
 from slimserve.compress.corpus import generic_samples, generic_texts, token_windows
 from slimserve.compress.errors import CalibrationError
 from slimserve.compress.selfgen import self_samples
@@ -21,7 +21,7 @@ def test_layer_by_layer_replays_the_model(family):
     assert len(hidden) == 3 and len(kwargs) == len(layers)
     assert all(isinstance(m, type(layers[0])) for m in layers)  # the recorders are gone
     for i, layer in enumerate(layers):
-        hidden = run_layer(layer, hidden, kwargs[i])
+        advance_inputs(layer, hidden, kwargs[i])
     with torch.no_grad():
         expected = model(data[2], output_hidden_states=True).hidden_states[-1]
     assert torch.allclose(model.model.norm(hidden[2]), expected, atol=1e-5)

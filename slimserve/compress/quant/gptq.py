@@ -40,14 +40,21 @@ class GPTQResult:
 
 
 def _inverse_cholesky(h: torch.Tensor, opts: GPTQOptions) -> tuple[torch.Tensor, float] | None:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold until it exists."""
-    mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    damp = opts.damping
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold until it exists.
+    H is the caller's private copy and is damped in place: at an 8B model's MLP width every extra square
+    matrix costs most of a gigabyte of accelerator memory."""
+    diagonal = torch.diagonal(h)
+    mean_diag = diagonal.mean()
+    damp, added = opts.damping, 0.0
     for _ in range(opts.max_damping_retries + 1):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        diagonal.add_((damp - added) * mean_diag)
+        added = damp
+        lower, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, damp
         damp *= 10
@@ -65,8 +72,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, d
         raise ValueError(f"GPTQ handles integer per-channel or group weights, not {args.type}/{args.strategy}")
     if not torch.isfinite(h).all():
         return None
-    W = w.float().clone()
-    H = h.float().clone()
+    W = w.to(torch.float32, copy=True)
+    H = h.to(torch.float32, copy=True)
     rows, cols = W.shape
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
@@ -88,8 +95,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, d
     perm = torch.argsort(torch.diagonal(H), descending=True) if opts.actorder else torch.arange(cols)
     perm = perm.to(W.device)
     order = perm.tolist()  # read column indices on the host: no device sync per column
-    W, H = W[:, perm], H[perm][:, perm]
+    if opts.actorder:
+        W, H = W[:, perm], H[perm][:, perm]
     inv = _inverse_cholesky(H, opts)
+    del H
     if inv is None:
         return None
     hinv, damp = inv
