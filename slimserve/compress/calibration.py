@@ -81,8 +81,10 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
-    return [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> None:
+    """One pass over the calibration set for the hooks that observe it; each output is dropped at once."""
+    for h, kw in zip(hidden, kwargs):
+        layer(h, **kw)
 
 
 @torch.no_grad()

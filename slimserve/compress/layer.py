@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from slimserve.compress.quant.smoothquant import AbsMax, smooth_scales
 from slimserve.compress.report import CompressionReport, LayerRecord, LinearRecord
 from slimserve.compress.structure import BalanceGroup, apply_balance, balance_groups, linear_of, target_linears
 
-RunLayer = Callable[[], Any]
+RunLayer = Callable[[], None]
 
 
 class LayerQuantizer:
