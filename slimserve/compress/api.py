@@ -13,6 +13,7 @@ from slimserve.compress.configs import QuantConfig, preset
 from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.layer import LayerQuantizer
 from slimserve.compress.modules import QuantizedLinear
+from slimserve.compress.moe import uncalibrated_experts, unfuse_experts
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
 from slimserve.compress.structure import decoder_layers, target_linears
 
@@ -94,6 +95,8 @@ def quantize_(
         calibration = Calibration(calibration, "user")
     if config.needs_calibration and (calibration is None or not calibration.samples):
         raise CalibrationError(f"{type(config).__name__} with method {config.method!r} needs calibration samples")
+    # Fused MoE expert banks become per-expert linear layers (the same function) before anything else looks.
+    banks = unfuse_experts(model)
     _check_shapes(model, config)
     outside = _outside_layers(model, config)
     device = torch.device(device) if device is not None else _default_device()
@@ -103,12 +106,18 @@ def quantize_(
         report.calibration = calibration.describe()
     start = time.perf_counter()
     model.eval()
+    for bank in banks:
+        bank.calibrate_all = config.moe_calibrate_all_experts
     quantize_sequential(model, config, calibration.samples if report.calibration else None, device, report, progress)
     if outside:
         record = LayerRecord(index=-1, seconds=0.0, peak_memory_mb=0.0)
         rtn_config = replace(config, method="rtn", smoothquant=None, kv_cache=None)
         LayerQuantizer(model, "", rtn_config, record, report).quantize()
         report.layers.append(record)
+    for bank in banks:
+        bank.calibrate_all = False
+    if report.calibration:
+        report.uncalibrated_experts = uncalibrated_experts(model)
     report.skipped = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     report.unquantized_weights = _float_matrices(model)
     report.seconds = time.perf_counter() - start

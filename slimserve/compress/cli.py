@@ -32,6 +32,11 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--group-size", help="32, 64, 128, or 'channel' for one scale per output channel")
     p.add_argument("--kv-cache", choices=["fp8", "int8"], help="also quantize the KV cache, calibrated per head")
     p.add_argument("--ignore", nargs="+", help="module names or re:patterns to keep in full precision")
+    p.add_argument(
+        "--moe-calibrate-all-experts",
+        action="store_true",
+        help="MoE: run every expert on every calibration token for its statistics (default: routed tokens only)",
+    )
     p.add_argument("--calib", help="calibration text: generic (shipped corpus), self (model-written) or a file")
     p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
@@ -71,8 +76,10 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     if bool(args.recipe) == bool(args.scheme):
         raise QuantConfigError("give exactly one of --recipe and --scheme")
     if args.recipe:
-        if args.method or args.group_size or args.kv_cache or args.ignore:
-            raise QuantConfigError("--method, --group-size, --kv-cache and --ignore go into the recipe file")
+        if args.method or args.group_size or args.kv_cache or args.ignore or args.moe_calibrate_all_experts:
+            raise QuantConfigError(
+                "--method, --group-size, --kv-cache, --ignore and --moe-calibrate-all-experts go into the recipe file"
+            )
         recipe = load_recipe(args.recipe)
     else:
         overrides = _group_size(args.group_size)
@@ -82,6 +89,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
             overrides["kv_cache"] = kv_cache_preset(args.kv_cache)
         if args.ignore:
             overrides["ignore"] = tuple(args.ignore)
+        if args.moe_calibrate_all_experts:
+            overrides["moe_calibrate_all_experts"] = True
         recipe = Recipe(preset(args.scheme, **overrides))
     spec = recipe.calibration
     for field, value in (("source", args.calib), ("num_samples", args.num_samples), ("seq_len", args.seq_len)):

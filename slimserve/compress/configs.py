@@ -11,7 +11,7 @@ from slimserve.compress.errors import QuantConfigError
 
 # lm_head stays in full precision (it dominates the error for little memory) and MoE routers must keep their
 # exact logits; names are matched as plain module-name suffixes or, with the "re:" prefix, as regexes.
-DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:.*mlp\\.gate$", "re:.*router.*")
+DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:.*mlp\\.gate$", "re:.*router.*", "re:.*shared_expert_gate$")
 METHODS = ("rtn", "gptq", "awq")
 
 
@@ -59,6 +59,9 @@ class QuantConfig:
     smoothquant: SmoothQuantOptions | None = None
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    # MoE: run every expert on every calibration token for its statistics (outputs still follow the router),
+    # so that no expert goes uncalibrated; by default experts see only the tokens routed to them.
+    moe_calibrate_all_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +110,7 @@ class QuantConfig:
             "smoothquant": None if self.smoothquant is None else self.smoothquant.alpha,
             "kv_cache": None if self.kv_cache is None else self.kv_cache.args().to_dict(),
             "ignore": list(self.ignore),
+            "moe_calibrate_all_experts": self.moe_calibrate_all_experts,
         }
 
 

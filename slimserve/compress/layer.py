@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from slimserve.compress.args import QuantArgs
 from slimserve.compress.configs import QuantConfig
+from slimserve.compress.errors import CalibrationError
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.quant import awq, kv
 from slimserve.compress.quant.gptq import HessianAccumulator, gptq
@@ -131,6 +133,18 @@ class LayerQuantizer:
                 kv.set_scales(attn, obs, kv_args, next(attn.parameters()).dtype)
                 kv.attach(attn, kv_args)
 
+    def _input_absmax(self, full: str) -> torch.Tensor:
+        """The largest input seen per channel; for an expert that saw no token, the largest any expert of
+        the same projection in this layer saw (they all read the same hidden states)."""
+        value = self.act_absmax[full].value
+        if value is not None:
+            return value
+        key = _sibling_key(full)
+        seen = [a.value for n, a in self.act_absmax.items() if a.value is not None and _sibling_key(n) == key]
+        if not seen:
+            raise CalibrationError(f"{full}: no calibration token reached this layer; give more calibration data")
+        return torch.stack(seen).amax(0)
+
     @torch.no_grad()
     def quantize(self) -> None:
         for full, lin in self.targets.items():
@@ -143,7 +157,9 @@ class LayerQuantizer:
         acc = self.hessians.get(full)
         method, damping = self.config.method, None
         result: QuantizedWeight | None = None
-        if method == "gptq":
+        if method == "gptq" and acc.n == 0:
+            method = "rtn (no calibration tokens)"  # an expert the router never chose: no Hessian to use
+        elif method == "gptq":
             out = gptq(w, acc.h, self.wargs, self.config.gptq, dtype)
             if out is None:
                 self.report.gptq_fallbacks.append(full)
@@ -154,7 +170,7 @@ class LayerQuantizer:
             result = rtn(w, self.wargs, dtype)
         input_scale = None
         if full in self.act_absmax:
-            amax = self.act_absmax[full].value.amax()
+            amax = self._input_absmax(full).amax()
             input_scale = torch.where(amax > 0, amax / self.iargs.qmax, torch.ones_like(amax)).reshape(1).to(dtype)
         module = QuantizedLinear(
             result.q, result.scale, result.zero_point, lin.bias, self.wargs, self.iargs, self.config.format, input_scale
@@ -162,6 +178,13 @@ class LayerQuantizer:
         parent_name, _, child = self.local[full].rpartition(".")
         setattr(self.layer.get_submodule(parent_name) if parent_name else self.layer, child, module)
         return _errors(self.reference.get(full, w), result.dequantize(self.wargs), acc, method, damping)
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def _sibling_key(name: str) -> str:
+    return _EXPERT_INDEX.sub(".experts.*.", name)
 
 
 def _errors(

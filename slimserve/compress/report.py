@@ -36,6 +36,7 @@ class CompressionReport:
     skipped: list[str] = field(default_factory=list)  # linear layers left in full precision
     unquantized_weights: list[str] = field(default_factory=list)  # other matrices left as they were
     gptq_fallbacks: list[str] = field(default_factory=list)  # layers whose Hessian was unusable: RTN instead
+    uncalibrated_experts: list[str] = field(default_factory=list)  # MoE experts no calibration token reached
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
 

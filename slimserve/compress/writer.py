@@ -17,6 +17,7 @@ from torch import nn
 from slimserve.compress.configs import QuantConfig
 from slimserve.compress.errors import OutputExistsError
 from slimserve.compress.modules import QuantizedLinear
+from slimserve.compress.moe import checkpoint_name
 from slimserve.compress.report import CompressionReport
 
 SHARD_BYTES = 4 << 30
@@ -34,7 +35,8 @@ def check_output(out: str | os.PathLike) -> Path:
 
 def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
     """The `quantization_config` entry of config.json."""
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    model_type = getattr(model.config, "model_type", "")
+    ignore = sorted(checkpoint_name(model_type, n) for n, m in model.named_modules() if isinstance(m, nn.Linear))
     a = config.input_args()
     group = {
         "targets": ["Linear"],
@@ -58,11 +60,12 @@ def _state_dict(model: nn.Module, tied: bool) -> dict[str, torch.Tensor]:
     """Every tensor once; a tied output embedding is dropped as `save_pretrained` drops it."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    model_type = getattr(model.config, "model_type", "")
     for name, t in model.state_dict().items():
         if tied and t.data_ptr() in seen and t.is_floating_point():
             continue
         seen.add(t.data_ptr())
-        out[name] = t.detach().to("cpu").contiguous()
+        out[checkpoint_name(model_type, name)] = t.detach().to("cpu").contiguous()
     return out
 
 
