@@ -128,8 +128,14 @@ class EngineConfig:
     # waiting for a slot (None: 16 on CUDA, where it hides the host's per-step work, 1 elsewhere).
     num_decode_steps: int | None = None
     seed: int = 0
+    # Ranks the model is split over (attention heads, MLP features and the vocabulary).
+    tensor_parallel_size: int = 1
+    # MoE layers: each rank owns a contiguous range of experts and tokens travel to them (all-to-all).
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise SlimserveError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise SlimserveError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from slimserve.checkpoint.resolve import resolve_model
 from slimserve.config import EngineConfig, ModelConfig, SamplingParams, parse_dtype
+from slimserve.distributed.launch import launch_tensor_parallel
 from slimserve.engine.detokenizer import IncrementalDetokenizer
 from slimserve.engine.kv_cache import BlockManager
 from slimserve.engine.outputs import CompletionOutput, RequestOutput
@@ -47,6 +49,21 @@ def _eos_token_ids(path: str, model_config: ModelConfig, tokenizer: PreTrainedTo
     return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 
 
+def describe_kv_cache(
+    num_blocks: int, block_size: int, bytes_per_block: int, max_model_len: int, world_size: int
+) -> str:
+    """The KV-cache plan in one line: blocks, tokens that fit, and how many sequences of the full
+    max_model_len fit at once."""
+    tokens = num_blocks * block_size
+    per_seq = -(-max_model_len // block_size) * block_size
+    ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    return (
+        f"KV cache: {num_blocks} blocks of {block_size} tokens = {tokens} tokens "
+        f"({num_blocks * bytes_per_block / 2**30:.2f} GiB{ranks}); max_model_len {max_model_len}: "
+        f"{tokens / per_seq:.2f} sequences of that length fit at once"
+    )
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -65,21 +82,31 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_path, self.model_config, self.tokenizer)
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = parse_dtype(config.dtype, self.device)
-        self.runner = ModelRunner(config, self.model_config, self.model_path, self.device, self.dtype)
+        # Under tensor parallelism this process is rank 0; it starts (or, under torchrun, meets) the others.
+        self.tensor_parallel = launch_tensor_parallel(config, self.model_config, self.model_path, self.device)
+        self._shutdown = weakref.finalize(self, self.tensor_parallel.shutdown)
+        self.device = self.tensor_parallel.device
+        self.runner = ModelRunner(
+            config, self.model_config, self.model_path, self.device, self.dtype, self.tensor_parallel.parallel
+        )
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); max_model_len %d",
+        self.kv_cache_plan = describe_kv_cache(
             self.runner.num_blocks,
             config.block_size,
-            self.runner.num_blocks * config.block_size,
-            self.runner.num_blocks * self.runner.kv_bytes_per_block / 2**30,
+            self.runner.kv_bytes_per_block,
             self.max_model_len,
+            self.tensor_parallel.parallel.world_size,
         )
+        logger.info("%s", self.kv_cache_plan)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (also done when the engine is garbage collected)."""
+        self._shutdown()
 
     # ---- requests ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -11,9 +11,10 @@ import torch
 
 from slimserve.checkpoint.hf_folder import iter_safetensors
 from slimserve.config import EngineConfig, ModelConfig
+from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
 from slimserve.layers.attention import AttentionMetadata
-from slimserve.layers.sampler import SampledTokens, Sampler
+from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
 from slimserve.models.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,23 @@ class StepOutput:
     token_ids: list[list[int]]
     logprobs: list[list[float]] | None
     top_logprobs: list[list[dict[int, float]]] | None
+
+
+@dataclass
+class StepPlan:
+    """Everything a rank needs to run one scheduled batch; rank 0 builds it and broadcasts it to the
+    other tensor-parallel ranks, which run the same forward passes (their collectives meet rank 0's)."""
+
+    packed: list[int]  # ids, positions, slots (per token), seq_lens, cu_seqlens, block tables
+    num_tokens: int
+    num_seqs: int
+    table_width: int
+    max_seqlen_q: int
+    last_tokens: list[int]  # flat index of the last token of each row that samples
+    decode_only: bool
+    num_steps: int
+    # All-greedy decode window without log-probabilities: the CUDA graphs take the argmax themselves.
+    greedy_window: bool
 
 
 @contextmanager
@@ -55,14 +73,18 @@ class ModelRunner:
         model_path: str,
         device: torch.device,
         dtype: torch.dtype,
+        parallel: ParallelState | None = None,
     ) -> None:
         self.config = config
+        self.parallel = parallel or ParallelState()
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
         with torch.device(device), _default_dtype(dtype):
-            self.model = model_class(model_config)(model_config)
+            self.model = model_class(model_config)(model_config, self.parallel)
+        # KV heads this rank keeps (a slice of them under tensor parallelism).
+        self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads
         self.model.load_weights(iter_safetensors(model_path, device, dtype))
         self.model.eval()
         self.sampler = Sampler(config.seed, device)
@@ -79,7 +101,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         return per_token * self.block_size
 
     def _plan_kv_cache(self) -> int:
@@ -93,7 +115,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_allocated(self.device)
         available = total * self.config.gpu_memory_utilization - non_torch - peak
-        num_blocks = int(available // self.kv_bytes_per_block)
+        # Every rank must hold the same blocks: the smallest rank decides.
+        num_blocks = self.parallel.min_over_ranks(int(available // self.kv_bytes_per_block), self.device)
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
         return num_blocks
@@ -128,7 +151,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
         cfg = self.model_config
         num_blocks = num_blocks or self.num_blocks
-        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -169,23 +192,58 @@ class ModelRunner:
         (ids, positions, slots, seq_lens, cu), tables, sample_rows = self._prepare(batch)
         width = max(len(t) for t in tables)
         flat_tables = [b for t in tables for b in (t + [0] * (width - len(t)))]
-        n_tok, n_seq = len(ids), len(seq_lens)
-        packed = self._to_device(ids + positions + slots + seq_lens + cu + flat_tables)
-        parts = list(packed.split([n_tok, n_tok, n_tok, n_seq, n_seq + 1, n_seq * width]))
-        parts[5] = parts[5].view(n_seq, width)
-        if not sample_rows:
-            self._forward(parts, max(batch.num_new_tokens))
-            return StepOutput([], [], None, None)
         seqs = [batch.seqs[i] for i in sample_rows]
-        sampling = self.sampler.prepare([s.params for s in seqs], [s.generator for s in seqs])
-        if batch.is_decode_only:
-            steps = self._decode_steps(batch, parts, sampling)
+        sampling = self.sampler.prepare([s.params for s in seqs], [s.generator for s in seqs]) if seqs else None
+        plan = StepPlan(
+            packed=ids + positions + slots + seq_lens + cu + flat_tables,
+            num_tokens=len(ids),
+            num_seqs=len(seq_lens),
+            table_width=width,
+            max_seqlen_q=max(batch.num_new_tokens),
+            last_tokens=[cu[i + 1] - 1 for i in sample_rows],
+            decode_only=batch.is_decode_only,
+            num_steps=batch.num_steps,
+            greedy_window=(
+                sampling is not None
+                and sampling.sampled_rows is None
+                and not sampling.want_logprobs
+                and batch.num_steps > 1
+            ),
+        )
+        self.parallel.broadcast_object(plan)
+        output_ids = [s.output_token_ids for s in seqs] if batch.num_steps == 1 else None
+        steps = self.run_plan(plan, sampling, output_ids)
+        return self._to_host(sample_rows, steps) if steps else StepOutput([], [], None, None)
+
+    @torch.inference_mode()
+    def run_plan(
+        self, plan: StepPlan, sampling: SamplingBatch | None, output_ids: list[list[int]] | None = None
+    ) -> list[SampledTokens]:
+        """The forward passes of one step, on every rank; only rank 0 samples (`sampling` is None elsewhere)."""
+        n_tok, n_seq = plan.num_tokens, plan.num_seqs
+        packed = self._to_device(plan.packed)
+        parts = list(packed.split([n_tok, n_tok, n_tok, n_seq, n_seq + 1, n_seq * plan.table_width]))
+        parts[5] = parts[5].view(n_seq, plan.table_width)
+        if not plan.last_tokens:
+            self._forward(parts, plan.max_seqlen_q)
+            return []
+        if plan.decode_only:
+            return self._decode_steps(plan, parts, sampling, output_ids)
+        hidden = self._forward(parts, plan.max_seqlen_q)
+        logits = self.model.compute_logits(hidden[torch.tensor(plan.last_tokens, device=self.device)])
+        return [self._sample(logits, sampling, output_ids, share=False)]
+
+    def _sample(
+        self, logits: torch.Tensor, sampling: SamplingBatch | None, output_ids: list[list[int]] | None, share: bool
+    ) -> SampledTokens:
+        """Rank 0 samples; with `share`, the other ranks receive the tokens (the next decode step's input)."""
+        if self.parallel.is_driver:
+            tokens = self.sampler.sample(logits, sampling, output_ids)
         else:
-            hidden = self._forward(parts, max(batch.num_new_tokens))
-            last_tokens = torch.tensor([cu[i + 1] - 1 for i in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[last_tokens])
-            steps = [self.sampler.sample(logits, sampling, [s.output_token_ids for s in seqs])]
-        return self._to_host(sample_rows, steps)
+            tokens = SampledTokens(torch.empty(logits.shape[0], dtype=torch.long, device=self.device), None, None, None)
+        if share:
+            self.parallel.broadcast(tokens.token_ids)
+        return tokens
 
     def _forward(self, parts: list[torch.Tensor], max_seqlen_q: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -197,15 +255,21 @@ class ModelRunner:
         )
         return self.model(parts[0], parts[1], meta)
 
-    def _decode_steps(self, batch: ScheduledBatch, parts: list[torch.Tensor], sampling) -> list[SampledTokens]:
+    def _decode_steps(
+        self,
+        plan: StepPlan,
+        parts: list[torch.Tensor],
+        sampling: SamplingBatch | None,
+        output_ids: list[list[int]] | None,
+    ) -> list[SampledTokens]:
         """Decode steps queued without waiting for the host: each step's sampled tokens become the next
         step's input on the device, and positions, lengths and cache slots advance there too."""
-        n = len(batch)
+        n = plan.num_seqs
         graph_bs = self._graph_batch_size(n)
         if graph_bs is not None:
             self._load_graph_inputs(graph_bs, parts)
-            if sampling.sampled_rows is None and not sampling.want_logprobs and batch.num_steps > 1:
-                return self._greedy_graph_steps(graph_bs, n, batch.num_steps)
+            if plan.greedy_window:
+                return self._greedy_graph_steps(graph_bs, n, plan.num_steps)
             state = [
                 self.g_ids[:n],
                 self.g_positions[:n],
@@ -217,9 +281,8 @@ class ModelRunner:
         else:
             state = parts
         ids, positions, slots, seq_lens, _, tables = state
-        output_ids = [s.output_token_ids for s in batch.seqs] if batch.num_steps == 1 else None
         results = []
-        for step in range(batch.num_steps):
+        for step in range(plan.num_steps):
             if step:
                 ids.copy_(results[-1].token_ids)
                 positions.add_(1)
@@ -231,7 +294,7 @@ class ModelRunner:
                 logits = self.g_logits[graph_bs][:n]
             else:
                 logits = self.model.compute_logits(self._forward(state, 1))
-            results.append(self.sampler.sample(logits, sampling, output_ids))
+            results.append(self._sample(logits, sampling, output_ids, share=step < plan.num_steps - 1))
         return results
 
     def _greedy_graph_steps(self, graph_bs: int, n: int, num_steps: int) -> list[SampledTokens]:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from slimserve.config import ModelConfig
+from slimserve.distributed.layers import AttentionHeads, ColumnParallelLinear, RowParallelLinear, VocabPartition
+from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
 from slimserve.kernels.rope_store import rope_and_store
@@ -29,15 +31,23 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # This rank's heads: all of them in a single process, a slice under tensor parallelism.
+        heads = AttentionHeads.partition(cfg.num_attention_heads, cfg.num_key_value_heads, parallel)
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
         self.head_dim = cfg.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_size, self.kv_size = q_size, kv_size
-        self.qkv_proj = Linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias)
-        self.o_proj = Linear(q_size, [cfg.hidden_size])
+        q_size, kv_size = cfg.num_attention_heads * self.head_dim, cfg.num_key_value_heads * self.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [q_size, kv_size, kv_size],
+            parallel,
+            bias=cfg.attention_bias,
+            shard_ranges=heads.qkv_ranges(self.head_dim),
+        )
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, parallel)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -66,20 +76,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size])
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, parallel)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, parallel)
+        self.mlp = LlamaMLP(cfg, parallel)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -97,20 +107,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.parallel = parallel or ParallelState()
+        # Embedding and LM head hold this rank's rows of the vocabulary (all of it in a single process).
+        self.vocab = VocabPartition(cfg.vocab_size, self.parallel)
+        rows = self.vocab.rows_per_rank
+        self.embed_tokens = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.parallel) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
-            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+            self.lm_head = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
-        x = nn.functional.embedding(input_ids, self.embed_tokens)
+        x = self.vocab.embed(input_ids, self.embed_tokens)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -118,7 +132,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, self.lm_head)
+        """Logits over the whole vocabulary, on every rank."""
+        return self.vocab.logits(hidden, self.lm_head)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -146,11 +161,13 @@ class LlamaForCausalLM(nn.Module):
             return None
         short = name.removeprefix("model.")
         if short == "embed_tokens.weight":
-            return self._copy(name, "embed_tokens", self.embed_tokens, tensor)
+            self.vocab.load(name, self.embed_tokens, tensor)
+            return "embed_tokens"
         if short == "lm_head.weight":
             if self.config.tie_word_embeddings:
                 return None  # some tied checkpoints still store the head; it equals the embedding
-            return self._copy(name, "lm_head", self.lm_head, tensor)
+            self.vocab.load(name, self.lm_head, tensor)
+            return "lm_head"
         if short == "norm.weight":
             return self._copy(name, "norm.weight", self.norm.weight, tensor)
         parts = short.split(".")  # layers.{i}.{self_attn|mlp|...}.{...}.{weight|bias}
