@@ -95,6 +95,19 @@ class ModelConfig:
             raw=cfg,
         )
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest context the model's rope supports: max_position_embeddings, stretched by the factor
+        of linear, dynamic NTK and YaRN scaling (YaRN counts from its original context), as vLLM derives it."""
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        factor = scaling.get("factor")
+        if rope_type in ("linear", "dynamic") and factor:
+            return int(self.max_position_embeddings * factor)
+        if rope_type == "yarn" and factor:
+            return max(self.max_position_embeddings, int(scaling["original_max_position_embeddings"] * factor))
+        return self.max_position_embeddings
+
     @classmethod
     def from_folder(cls, path: str) -> ModelConfig:
         config_path = os.path.join(path, "config.json")

@@ -73,10 +73,10 @@ class LLMEngine:
         self.config = config
         self.model_path = resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(self.model_path)
-        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
+        if config.max_model_len and config.max_model_len > self.model_config.max_context_len:
             raise SlimserveError(
-                f"max_model_len={config.max_model_len} exceeds the model's "
-                f"max_position_embeddings={self.model_config.max_position_embeddings}"
+                f"max_model_len={config.max_model_len} exceeds the model's context of "
+                f"{self.model_config.max_context_len} tokens (max_position_embeddings and rope scaling)"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.eos_token_ids = _eos_token_ids(self.model_path, self.model_config, self.tokenizer)

@@ -88,7 +88,7 @@ class ModelRunner:
         self.model.load_weights(iter_safetensors(model_path, device, dtype))
         self.model.eval()
         self.sampler = Sampler(config.seed, device)
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or model_config.max_context_len
         self.num_blocks = self._plan_kv_cache()
         self.max_model_len = min(self.max_model_len, self.num_blocks * self.block_size)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)

@@ -1,0 +1,89 @@
+"""Expert parallelism: each rank owns a contiguous range of a MoE layer's experts; a token routed to an
+expert on another rank travels there and its result comes back (two all-to-alls each way: the counts,
+then the payload).
+
+    dispatcher = ExpertParallelDispatcher(num_experts, parallel)
+    out = dispatcher(x, topk_ids, topk_weights, run_local_experts)
+
+`run_local_experts(hidden [R, H], local_expert_ids [R]) -> [R, H]` applies expert
+`dispatcher.expert_start + local_expert_ids[i]` to row i (a MoE layer's grouped GEMM over the experts it
+holds); the rows arrive sorted by local expert. In a single process it is the plain MoE computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slimserve.distributed.state import ParallelState, split_evenly
+
+
+@dataclass
+class Dispatched:
+    """Rows this rank received, and what `combine` needs to send their results back."""
+
+    hidden: torch.Tensor  # [R, H] token states for this rank's experts, sorted by local expert
+    local_expert_ids: torch.Tensor  # [R]
+    order: torch.Tensor  # [T * K] assignment index of each row this rank sent, in send order
+    send_counts: list[int]  # rows sent to each rank
+    recv_counts: list[int]  # rows received from each rank
+    recv_order: torch.Tensor  # [R] position in the received buffer of each row of `hidden`
+
+
+class ExpertParallelDispatcher:
+    def __init__(self, num_experts: int, parallel: ParallelState) -> None:
+        self.parallel = parallel
+        self.num_experts = num_experts
+        self.expert_start, self.num_local_experts = split_evenly(num_experts, parallel, "num_experts")
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        run_local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """sum_k topk_weights[t, k] * expert[topk_ids[t, k]](x[t]) for every token t of this rank."""
+        sent = self.dispatch(x, topk_ids)
+        return self.combine(run_local_experts(sent.hidden, sent.local_expert_ids), sent, topk_weights)
+
+    def _all_to_all(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = t.new_empty((sum(recv_counts), *t.shape[1:]))
+        dist.all_to_all_single(out, t.contiguous(), recv_counts, send_counts, group=self.parallel.group)
+        return out
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+        world = self.parallel.world_size
+        top_k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)
+        # Sorting assignments by expert also groups them by owning rank (experts are contiguous per rank).
+        order = flat_ids.argsort(stable=True)
+        sorted_ids = flat_ids[order]
+        rows = x[order // top_k]
+        owner = sorted_ids // self.num_local_experts
+        send_counts = torch.bincount(owner, minlength=world)
+        if world == 1:
+            counts = send_counts.tolist()
+            return Dispatched(rows, sorted_ids, order, counts, counts, torch.arange(len(order), device=x.device))
+        recv_counts_t = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts_t, send_counts, group=self.parallel.group)
+        send, recv = send_counts.tolist(), recv_counts_t.tolist()
+        hidden = self._all_to_all(rows, send, recv)
+        local_ids = self._all_to_all(sorted_ids - owner * self.num_local_experts, send, recv)
+        # Rows from each source rank are sorted by expert; merge them so the experts see contiguous runs.
+        recv_order = local_ids.argsort(stable=True)
+        return Dispatched(hidden[recv_order], local_ids[recv_order], order, send, recv, recv_order)
+
+    def combine(self, expert_out: torch.Tensor, sent: Dispatched, topk_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = topk_weights.shape
+        received = torch.empty_like(expert_out)
+        received[sent.recv_order] = expert_out
+        if self.parallel.is_parallel:
+            received = self._all_to_all(received, sent.recv_counts, sent.send_counts)
+        per_assignment = torch.empty_like(received)
+        per_assignment[sent.order] = received
+        per_token = per_assignment.view(num_tokens, top_k, received.shape[-1])
+        return (per_token * topk_weights[:, :, None].to(received.dtype)).sum(dim=1)

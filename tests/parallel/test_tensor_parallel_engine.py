@@ -1,0 +1,42 @@
+"""LLM(model, tensor_parallel_size=2) on the CPU (the engine spawns its second rank, gloo) gives the
+single-process engine's greedy tokens and full-vocabulary log-probabilities, through chunked prefill,
+multi-step decode windows and seeded sampling."""
+
+import pytest
+import torch
+
+from slimserve import LLM, SamplingParams
+from slimserve.errors import SlimserveError
+from tests.tiny_models import VOCAB, build_tiny_model
+
+PROMPTS = [[5, 6, 7, 8], list(range(10, 40)), [300, 301, 302, 303, 304, 305, 306]]
+ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4)
+
+
+def run(llm: LLM) -> list:
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=VOCAB)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)
+    return llm.generate(PROMPTS + PROMPTS[:1], [greedy] * len(PROMPTS) + [sampled], use_tqdm=False)
+
+
+def test_two_ranks_equal_one(tmp_path):
+    folder = build_tiny_model("qwen3", str(tmp_path / "qwen3"))
+    expected = run(LLM(folder, **ENGINE))
+    llm = LLM(folder, tensor_parallel_size=2, **ENGINE)
+    got = run(llm)
+    llm.engine.shutdown()
+    assert all(not p.is_alive() for p in llm.engine.tensor_parallel.processes)
+    for want, have in zip(expected, got):
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+    for want, have in zip(expected[:-1], got[:-1]):
+        for step_want, step_have in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
+            assert len(step_have) == VOCAB
+            ids = sorted(step_want)
+            a = torch.tensor([step_want[i] for i in ids])
+            b = torch.tensor([step_have.get(i, float("nan")) for i in ids])
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_unsplittable_model_fails_before_spawning(llama_folder):
+    with pytest.raises(SlimserveError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
+        LLM(llama_folder, dtype="float32", device="cpu", tensor_parallel_size=3)
