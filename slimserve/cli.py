@@ -55,6 +55,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="reuse the KV cache of shared prompt prefixes",
     )
     group.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="GPUs (CPU processes) to split the model over; several nodes: start every rank with torchrun",
+    )
+    group.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="MoE models: split the experts over the tensor-parallel ranks instead of slicing each expert",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the engine's random generator")
 
 
@@ -69,6 +81,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed,
     )
 

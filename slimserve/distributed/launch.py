@@ -15,6 +15,7 @@ NCCL connects the ranks on CUDA, gloo on the CPU.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from slimserve.config import EngineConfig, ModelConfig, parse_dtype
 from slimserve.distributed.layers import AttentionHeads
 from slimserve.distributed.state import ParallelState, split_evenly
 from slimserve.errors import SlimserveError
+
+logger = logging.getLogger(__name__)
 
 # A rank that waits longer than this for a collective gives up (a dead peer must not hang forever).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -55,6 +58,17 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
     split_evenly(cfg.intermediate_size, parallel, "intermediate_size")
 
 
+def check_expert_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
+    """Expert parallelism spreads the experts over the tensor-parallel ranks; say when it cannot apply."""
+    if not config.enable_expert_parallel:
+        return
+    raw = model_config.raw
+    if not (raw.get("num_local_experts") or raw.get("num_experts")):
+        logger.warning("enable_expert_parallel has no effect: %s has no experts", model_config.architecture)
+    elif config.tensor_parallel_size == 1:
+        logger.warning("enable_expert_parallel has no effect with tensor_parallel_size=1")
+
+
 def started_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -62,6 +76,7 @@ def started_by_torchrun() -> bool:
 def launch_tensor_parallel(
     config: EngineConfig, model_config: ModelConfig, model_path: str, device: torch.device
 ) -> TensorParallelLaunch:
+    check_expert_parallel(config, model_config)
     world = config.tensor_parallel_size
     if world == 1:
         return TensorParallelLaunch(ParallelState(), device)

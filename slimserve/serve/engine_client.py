@@ -92,8 +92,10 @@ class EngineClient:
     async def start(self) -> EngineInfo:
         ours, theirs = socket.socketpair()
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state is inherited
+        # A daemonic process may not start children: with tensor parallelism the engine starts its ranks.
+        daemon = self.config.tensor_parallel_size == 1
         self._process = context.Process(
-            target=run_engine, args=(self.config, theirs, self.engine_factory), name="slimserve-engine", daemon=True
+            target=run_engine, args=(self.config, theirs, self.engine_factory), name="slimserve-engine", daemon=daemon
         )
         try:
             self._process.start()

@@ -40,3 +40,12 @@ def test_two_ranks_equal_one(tmp_path):
 def test_unsplittable_model_fails_before_spawning(llama_folder):
     with pytest.raises(SlimserveError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
         LLM(llama_folder, dtype="float32", device="cpu", tensor_parallel_size=3)
+
+
+def test_cli_flags_reach_the_engine_config():
+    from slimserve.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["generate", "m", "--tensor-parallel-size", "4", "--enable-expert-parallel"])
+    kwargs = engine_kwargs(args)
+    assert kwargs["tensor_parallel_size"] == 4 and kwargs["enable_expert_parallel"] is True
+    assert engine_kwargs(build_parser().parse_args(["generate", "m", "-tp", "2"]))["tensor_parallel_size"] == 2
