@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -34,6 +34,8 @@ class _Request:
     # Text deltas every step (streaming, stop strings); otherwise the text is decoded once at the end.
     incremental: bool = True
     num_cached_tokens: int = 0
+    # One copy of the prompt shared by every output (copying a long prompt per token costs O(prompt)).
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 def _eos_token_ids(path: str, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -134,7 +136,9 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(params.seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
-        self.requests[request_id] = _Request(seq, text, detokenizer, incremental=stream or bool(params.stop))
+        self.requests[request_id] = _Request(
+            seq, text, detokenizer, incremental=stream or bool(params.stop), prompt_token_ids=list(ids)
+        )
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -248,7 +252,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             prompt=request.prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=request.prompt_token_ids,
             outputs=[completion],
             finished=seq.finished,
             new_text=delta,
