@@ -31,7 +31,7 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding) -> None:
         super().__init__()
         # This rank's heads: all of them in a single process, a slice under tensor parallelism.
         heads = AttentionHeads.partition(cfg.num_attention_heads, cfg.num_key_value_heads, parallel)
@@ -53,9 +53,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rms_norm_eps = cfg.rms_norm_eps
-        self.rotary = RotaryEmbedding(
-            self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
-        )
+        self.rotary = rotary  # one cos/sin table shared by all layers (at 256K positions it is 64 MiB)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -88,9 +86,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, parallel)
+        self.self_attn = LlamaAttention(cfg, parallel, rotary)
         self.mlp = LlamaMLP(cfg, parallel)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -117,7 +115,10 @@ class LlamaForCausalLM(nn.Module):
         self.vocab = VocabPartition(cfg.vocab_size, self.parallel)
         rows = self.vocab.rows_per_rank
         self.embed_tokens = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.parallel) for _ in range(cfg.num_hidden_layers))
+        rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
+        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.parallel, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
