@@ -8,6 +8,10 @@ then the payload).
 `run_local_experts(hidden [R, H], local_expert_ids [R]) -> [R, H]` applies expert
 `dispatcher.expert_start + local_expert_ids[i]` to row i (a MoE layer's grouped GEMM over the experts it
 holds); the rows arrive sorted by local expert. In a single process it is the plain MoE computation.
+
+Under tensor parallelism every rank holds the same tokens (attention ends in an all-reduce): there
+`dispatcher.replicated(...)` has each rank dispatch only its share of the tokens and all-gathers the
+results, so every expert computes each token once.
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ class ExpertParallelDispatcher:
         """sum_k topk_weights[t, k] * expert[topk_ids[t, k]](x[t]) for every token t of this rank."""
         sent = self.dispatch(x, topk_ids)
         return self.combine(run_local_experts(sent.hidden, sent.local_expert_ids), sent, topk_weights)
+
+    def replicated(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        run_local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The same result for tokens that every rank holds: rank r dispatches rows [r * n, (r + 1) * n)
+        (n = ceil(T / world)), and the shares are gathered back."""
+        if not self.parallel.is_parallel:
+            return self(x, topk_ids, topk_weights, run_local_experts)
+        num_tokens = x.shape[0]
+        share = -(-num_tokens // self.parallel.world_size)
+        rows = slice(min(self.parallel.rank * share, num_tokens), min((self.parallel.rank + 1) * share, num_tokens))
+        out = self(x[rows], topk_ids[rows], topk_weights[rows], run_local_experts)
+        padded = out.new_zeros((share, out.shape[1]))
+        padded[: out.shape[0]] = out
+        return self.parallel.all_gather(padded, dim=0)[:num_tokens]
 
     def _all_to_all(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         out = t.new_empty((sum(recv_counts), *t.shape[1:]))

@@ -81,4 +81,9 @@ def rank_main(rank: int, port: int, folders: list[str], expected: list[torch.Ten
         x, ids, weights = routed_tokens(rank, num_tokens[rank])
         out = dispatcher(x, ids, weights, lambda h, e: run_experts(gate_up[local], down[local], h, e))
         torch.testing.assert_close(out, reference_moe(x, ids, weights), atol=1e-5, rtol=0)
+    # Tokens every rank holds (as under tensor parallelism): each rank dispatches a share; 5 tokens over
+    # 2 ranks leave rank 1 one row short.
+    x, ids, weights = routed_tokens(7, 5)
+    out = dispatcher.replicated(x, ids, weights, lambda h, e: run_experts(gate_up[local], down[local], h, e))
+    torch.testing.assert_close(out, reference_moe(x, ids, weights), atol=1e-5, rtol=0)
     dist.destroy_process_group()
