@@ -35,6 +35,52 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts fields: Mixtral, Qwen2-MoE (with a gated shared expert) and Qwen3-MoE."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    # Renormalise the top-k softmax probabilities to sum to 1 (Mixtral always; Qwen: norm_topk_prob).
+    renormalize: bool
+    # Qwen rounds the routing weights to the activation dtype; Mixtral keeps them in fp32.
+    round_weights: bool
+    shared_expert_intermediate_size: int = 0
+    # Layer i is sparse when i is not in dense_layers and (i + 1) % sparse_step == 0; others are dense MLPs.
+    sparse_step: int = 1
+    dense_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer_index: int) -> bool:
+        return layer_index not in self.dense_layers and (layer_index + 1) % self.sparse_step == 0
+
+    @classmethod
+    def from_dict(cls, arch: str, cfg: dict[str, Any]) -> MoEConfig | None:
+        if arch == "MixtralForCausalLM":
+            return cls(
+                num_experts=int(cfg.get("num_local_experts") or cfg["num_experts"]),
+                top_k=int(cfg["num_experts_per_tok"]),
+                expert_intermediate_size=int(cfg["intermediate_size"]),
+                renormalize=True,
+                round_weights=False,
+            )
+        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+            return cls(
+                # Real Qwen configs say num_experts; transformers 5 writes num_local_experts.
+                num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+                top_k=int(cfg["num_experts_per_tok"]),
+                expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+                renormalize=bool(cfg.get("norm_topk_prob", False)),
+                round_weights=True,
+                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+                if arch == "Qwen2MoeForCausalLM"
+                else 0,
+                sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+                dense_layers=tuple(cfg.get("mlp_only_layers") or ()),
+            )
+        return None
+
+
+@dataclass
 class ModelConfig:
     """The subset of a Hugging Face config.json that the decoder-only families need."""
 
@@ -56,6 +102,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    moe: MoEConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -85,13 +132,16 @@ class ModelConfig:
             rope_theta=rope_theta,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases, though its config does not say so.
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            # Qwen2 always has q/k/v biases, though its config does not say so; Qwen2-MoE calls them qkv_bias.
+            attention_bias=bool(
+                cfg.get("attention_bias", cfg.get("qkv_bias", arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")))
+            ),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_scaling=rope_scaling,
             hidden_act=cfg.get("hidden_act", "silu"),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
+            moe=MoEConfig.from_dict(arch, cfg),
             raw=cfg,
         )
 

@@ -22,6 +22,10 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def shard_keys(self) -> list[str]:
+        """What loading must fill: every output shard of the weight (and bias)."""
+        return [f"{param}#{i}" for param, _ in self.named_parameters() for i in range(len(self.shard_sizes))]
+
     def load_shard(self, name: str, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copy one checkpoint tensor into output shard `shard` of the weight or bias."""
         param = self.weight if param_name == "weight" else self.bias

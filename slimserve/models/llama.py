@@ -76,20 +76,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, parallel)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, parallel)
+        intermediate_size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [intermediate_size] * 2, parallel)
+        self.down_proj = RowParallelLinear(intermediate_size, cfg.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, parallel, rotary)
-        self.mlp = LlamaMLP(cfg, parallel)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -118,7 +119,10 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.parallel, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, self.parallel, rotary, self.make_mlp(cfg, self.parallel, i))
+            for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
@@ -134,6 +138,11 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, parallel: ParallelState, layer_index: int) -> nn.Module:
+        """The feed-forward block of layer `layer_index` (families with experts override it)."""
+        return LlamaMLP(cfg, parallel)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank."""
         return self.vocab.logits(hidden, self.lm_head)
@@ -146,20 +155,20 @@ class LlamaForCausalLM(nn.Module):
         must be filled."""
         expected = set()
         for name, module in self.named_modules():
-            if isinstance(module, Linear):
-                for param_name, _ in module.named_parameters(recurse=False):
-                    expected |= {f"{name}.{param_name}#{i}" for i in range(len(module.shard_sizes))}
-        linear_params = {key.split("#")[0] for key in expected}
-        expected |= {n for n, _ in self.named_parameters() if n not in linear_params}
+            if hasattr(module, "shard_keys"):  # parameters filled piece by piece (fused projections, experts)
+                expected |= {f"{name}.{key}" for key in module.shard_keys()}
+        sharded_params = {key.split("#")[0] for key in expected}
+        expected |= {n for n, _ in self.named_parameters() if n not in sharded_params}
         if self.config.tie_word_embeddings:
             expected.discard("lm_head")
         for name, tensor in tensors:
-            expected.discard(self._load_one(name, tensor))
+            filled = self._load_one(name, tensor)
+            expected -= {filled} if isinstance(filled, str) else set(filled or ())
         if expected:
             raise CheckpointError(f"checkpoint lacks {len(expected)} tensors, e.g. {sorted(expected)[0]}")
 
-    def _load_one(self, name: str, tensor: torch.Tensor) -> str | None:
-        """Load one tensor; returns the key of what it filled (None for tensors that are not needed)."""
+    def _load_one(self, name: str, tensor: torch.Tensor) -> str | list[str] | None:
+        """Load one tensor; returns the key(s) of what it filled (None for tensors that are not needed)."""
         if "rotary_emb.inv_freq" in name:
             return None
         short = name.removeprefix("model.")
@@ -180,11 +189,15 @@ class LlamaForCausalLM(nn.Module):
         if layer_index >= len(self.layers):
             raise CheckpointError(f"{name}: layer {layer_index} beyond num_hidden_layers={len(self.layers)}")
         prefix = f"layers.{layer_index}."
-        if len(parts) == 5 and parts[3] in _FUSED:
-            fused, shard = _FUSED[parts[3]]
-            path = f"{parts[2]}.{fused}"
-            self.layers[layer_index].get_submodule(path).load_shard(name, parts[4], tensor, shard)
-            return f"{prefix}{path}.{parts[4]}#{shard}"
+        if parts[-2] in _FUSED:
+            fused, shard = _FUSED[parts[-2]]
+            path = ".".join([*parts[2:-2], fused])
+            try:
+                module = self.layers[layer_index].get_submodule(path)
+            except AttributeError:
+                raise CheckpointError(f"{name}: unexpected tensor for {self.config.architecture}") from None
+            module.load_shard(name, parts[-1], tensor, shard)
+            return f"{prefix}{path}.{parts[-1]}#{shard}"
         local = ".".join(parts[2:])
         try:
             module_path, param_name = local.rsplit(".", 1)
