@@ -51,15 +51,20 @@ class TensorParallelLaunch:
         dist.destroy_process_group()
 
 
-def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
+def check_tensor_parallel(cfg: ModelConfig, world_size: int, expert_parallel: bool = False) -> None:
     """Fail before any process starts when the model cannot be split over `world_size` ranks."""
     parallel = ParallelState(0, world_size)
     AttentionHeads.partition(cfg.num_attention_heads, cfg.num_key_value_heads, parallel)
     split_evenly(cfg.intermediate_size, parallel, "intermediate_size")
+    if cfg.moe is not None and expert_parallel:
+        split_evenly(cfg.moe.num_experts, parallel, "num_experts")
+    elif cfg.moe is not None:
+        split_evenly(cfg.moe.expert_intermediate_size, parallel, "moe_intermediate_size")
 
 
 def check_expert_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
-    """Expert parallelism spreads the experts over the tensor-parallel ranks; say when it cannot apply."""
+    """Expert parallelism spreads whole experts over the tensor-parallel ranks (without it each rank holds a
+    slice of every expert); say when it cannot apply."""
     if not config.enable_expert_parallel:
         return
     raw = model_config.raw
@@ -80,7 +85,7 @@ def launch_tensor_parallel(
     world = config.tensor_parallel_size
     if world == 1:
         return TensorParallelLaunch(ParallelState(), device)
-    check_tensor_parallel(model_config, world)
+    check_tensor_parallel(model_config, world, config.enable_expert_parallel)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if started_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world:
@@ -90,7 +95,7 @@ def launch_tensor_parallel(
         rank = int(os.environ["RANK"])
         device = _rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=_device_id(device))
-        parallel = ParallelState(rank, world)
+        parallel = ParallelState(rank, world, expert_parallel=config.enable_expert_parallel)
         if rank != 0:
             serve_steps(config, model_config, model_path, device, parallel)
             raise SystemExit(0)
@@ -119,7 +124,9 @@ def launch_tensor_parallel(
         timeout=COLLECTIVE_TIMEOUT,
         device_id=_device_id(device),
     )
-    return TensorParallelLaunch(ParallelState(0, world), device, processes)
+    return TensorParallelLaunch(
+        ParallelState(0, world, expert_parallel=config.enable_expert_parallel), device, processes
+    )
 
 
 def serve_steps(
@@ -156,7 +163,8 @@ def _worker_main(
         timeout=COLLECTIVE_TIMEOUT,
         device_id=_device_id(device),
     )
-    serve_steps(config, model_config, model_path, device, ParallelState(rank, world))
+    parallel = ParallelState(rank, world, expert_parallel=config.enable_expert_parallel)
+    serve_steps(config, model_config, model_path, device, parallel)
 
 
 def _rank_device(device: torch.device, local_rank: int) -> torch.device:

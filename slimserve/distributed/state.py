@@ -19,6 +19,9 @@ class ParallelState:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    # MoE layers: each rank holds a range of whole experts (tokens travel to them) instead of a slice of
+    # every expert.
+    expert_parallel: bool = False
 
     @property
     def is_parallel(self) -> bool:

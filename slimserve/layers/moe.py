@@ -46,7 +46,11 @@ def select_experts(
 
 class FusedExperts(nn.Module):
     """Experts expert_start .. expert_start + num_local - 1 of num_experts, as two weight banks:
-    w13 [num_local, 2I, H] (gate rows then up rows) and w2 [num_local, H, I]."""
+    w13 [num_local, 2I, H] (gate rows then up rows) and w2 [num_local, H, I].
+
+    Under tensor parallelism without expert parallelism each rank holds every expert but only its slice
+    `slice_index` of `num_slices` of the intermediate features (I here is the slice's width): its output
+    is then a partial sum that the ranks add up."""
 
     def __init__(
         self,
@@ -55,6 +59,8 @@ class FusedExperts(nn.Module):
         intermediate_size: int,
         expert_start: int = 0,
         num_local: int | None = None,
+        slice_index: int = 0,
+        num_slices: int = 1,
     ) -> None:
         super().__init__()
         num_local = num_experts - expert_start if num_local is None else num_local
@@ -64,6 +70,7 @@ class FusedExperts(nn.Module):
         self.expert_start = expert_start
         self.num_local = num_local
         self.intermediate_size = intermediate_size
+        self.slice_index, self.num_slices = slice_index, num_slices
         self.w13_weight = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size), requires_grad=False)
 
@@ -79,6 +86,14 @@ class FusedExperts(nn.Module):
         """Row i through held expert local_expert_ids[i], unweighted (what the dispatcher hands a rank)."""
         ones = torch.ones(hidden.shape[0], 1, dtype=torch.float32, device=hidden.device)
         return fused_moe(hidden, self.w13_weight, self.w2_weight, ones, local_expert_ids[:, None])
+
+    def _slice(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full-width intermediate dimension (the whole tensor with one slice)."""
+        if self.num_slices == 1:
+            return tensor
+        if tensor.shape[dim] != self.intermediate_size * self.num_slices:
+            return tensor  # a wrong width: _copy_checked reports it with the expected shape
+        return tensor.narrow(dim, self.slice_index * self.intermediate_size, self.intermediate_size)
 
     def shard_keys(self) -> list[str]:
         """What loading must fill: every held expert's gate, up and down matrix."""
@@ -97,7 +112,7 @@ class FusedExperts(nn.Module):
         target = getattr(self, bank).data[expert - self.expert_start]
         if bank == "w13_weight":
             target = target.narrow(0, shard * self.intermediate_size, self.intermediate_size)
-        _copy_checked(name, target, tensor)
+        _copy_checked(name, target, self._slice(tensor, dim=0 if bank == "w13_weight" else 1))
         return f"{bank}#{expert}.{shard}"
 
     def load_bank(self, name: str, bank: str, tensor: torch.Tensor) -> list[str]:
@@ -106,7 +121,13 @@ class FusedExperts(nn.Module):
         param = self.w13_weight if bank == "gate_up_proj" else self.w2_weight
         if tensor.dim() != 3 or tensor.shape[0] != self.num_experts:
             raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, expected {self.num_experts} stacked experts")
-        _copy_checked(name, param.data, tensor[self.expert_start : self.expert_start + self.num_local])
+        held = tensor[self.expert_start : self.expert_start + self.num_local]
+        if bank == "gate_up_proj":  # gate rows then up rows, each sliced
+            gate, up = held.chunk(2, dim=1)
+            held = torch.cat([self._slice(gate, dim=1), self._slice(up, dim=1)], dim=1)
+        else:
+            held = self._slice(held, dim=2)
+        _copy_checked(name, param.data, held)
         shards = (0, 1) if bank == "gate_up_proj" else (0,)
         prefix = "w13_weight" if bank == "gate_up_proj" else "w2_weight"
         held = range(self.expert_start, self.expert_start + self.num_local)
@@ -141,17 +162,26 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = renormalize
         self.round_weights = round_weights
         self.gate = Linear(hidden_size, [num_experts])
-        # One rank holds every expert; several ranks each hold an equal range and exchange tokens.
-        self.dispatcher = ExpertParallelDispatcher(num_experts, parallel) if parallel.is_parallel else None
-        start, held = split_evenly(num_experts, parallel, "num_experts")
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, start, held)
+        self.parallel = parallel
+        # Over several ranks, expert parallelism gives each rank an equal range of whole experts and sends
+        # tokens to them; tensor parallelism gives each rank a slice of every expert and adds the outputs.
+        self.dispatcher = None
+        if parallel.is_parallel and parallel.expert_parallel:
+            self.dispatcher = ExpertParallelDispatcher(num_experts, parallel)
+            start, held = split_evenly(num_experts, parallel, "num_experts")
+            self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, start, held)
+        else:
+            _, width = split_evenly(intermediate_size, parallel, "moe_intermediate_size")
+            self.experts = FusedExperts(
+                num_experts, hidden_size, width, slice_index=parallel.rank, num_slices=parallel.world_size
+            )
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, [1]) if shared_expert is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize, self.round_weights)
         if self.dispatcher is None:
-            out = self.experts(x, weights, ids)
+            out = self.parallel.all_reduce(self.experts(x, weights, ids))  # partial sums over the slices
         else:  # every rank holds the same tokens (tensor parallelism): each dispatches its share
             out = self.dispatcher.replicated(x, ids, weights, self.experts.run_rows)
         if self.shared_expert is not None:
