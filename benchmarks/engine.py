@@ -116,7 +116,8 @@ def make_requests(vocab: int, n: int, seed: int) -> list[tuple[list[int], int]]:
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -173,6 +174,7 @@ def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dic
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(n for _, n in requests)
     return {
+        "requests": len(requests),
         "elapsed_s": elapsed,
         "output_tokens": produced,
         "output_tok_s": produced / elapsed,
@@ -182,7 +184,7 @@ def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dic
 
 # ---- transformers -----------------------------------------------------------------------------------
 def hf_batch1(model, prompt: list[int], new_tokens: int, cache: str | None) -> dict:
-    ids = torch.tensor([prompt], device="cuda")
+    ids = torch.tensor([prompt], device=model.device)
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=cache)
     model.generate(ids, max_new_tokens=16, min_new_tokens=16, **kwargs)
     start = sync_time()
@@ -208,8 +210,8 @@ def hf_throughput(model, requests: list[tuple[list[int], int]], batch_size: int)
             mask[i, width - len(p) :] = 1
         longest = max(n for _, n in batch)
         model.generate(
-            ids.cuda(),
-            attention_mask=mask.cuda(),
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=longest,
             min_new_tokens=longest,
             do_sample=True,

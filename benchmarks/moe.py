@@ -30,11 +30,14 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from slimserve import LLM, SamplingParams
+from slimserve import LLM
 from slimserve.checkpoint.random_model import save_random_model
 from slimserve.kernels.fused_moe import fused_moe
 from slimserve.kernels.fused_moe_ref import fused_moe_ref
 from slimserve.layers.moe import select_experts
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import hf_batch1, hf_throughput, slimserve_batch1, slimserve_throughput, sync_time  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOP_PER_S = 790e12
@@ -62,12 +65,6 @@ QWEN3_30B_A3B = dict(
 TINY = QWEN3_30B_A3B | dict(
     vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_experts=16, num_attention_heads=4, head_dim=16
 )
-
-
-def sync_time() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def decode_bytes_per_step(c, context_len: int) -> float:
@@ -128,89 +125,6 @@ def moe_layer(c, device: str, dtype: torch.dtype, token_counts: list[int]) -> li
         )
         print(f"MoE layer, {t} tokens: {rows[-1]}", flush=True)
     return rows
-
-
-# ---- slimserve --------------------------------------------------------------------------------------
-def slimserve_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    start = sync_time()
-    engine.add_request("b1", prompt, params, stream=False)
-    first = None
-    while engine.has_unfinished_requests():
-        engine.step()
-        first = first or sync_time()
-    end = sync_time()
-    return {"total_s": end - start, "ttft_s": first - start, "decode_tok_s": (new_tokens - 1) / (end - first)}
-
-
-def slimserve_throughput(llm: LLM, requests: list[tuple[list[int], int]]) -> dict:
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for _, n in requests]
-    llm.generate([p for p, _ in requests[:8]], params[:8], use_tqdm=False)  # warm up prefill shapes
-    start = sync_time()
-    outs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
-    elapsed = sync_time() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(n for _, n in requests)
-    return {
-        "requests": len(requests),
-        "elapsed_s": elapsed,
-        "output_tokens": produced,
-        "output_tok_s": produced / elapsed,
-    }
-
-
-# ---- transformers -----------------------------------------------------------------------------------
-def hf_batch1(model, prompt: list[int], new_tokens: int, cache: str | None) -> dict:
-    ids = torch.tensor([prompt], device=model.device)
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=cache)
-    model.generate(ids, max_new_tokens=16, min_new_tokens=16, **kwargs)
-    start = sync_time()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    prefill = sync_time() - start
-    start = sync_time()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    total = sync_time() - start
-    assert out.shape[1] == len(prompt) + new_tokens
-    return {"total_s": total, "decode_tok_s": (new_tokens - 1) / (total - prefill)}
-
-
-def hf_throughput(model, requests: list[tuple[list[int], int]], batch_size: int) -> dict:
-    """Padded batches: left padding, prompts sorted by length, each batch generating its longest output;
-    only the tokens each request asked for count."""
-    ordered = sorted(requests, key=lambda r: len(r[0]))
-    produced, start = 0, sync_time()
-    for b in range(0, len(ordered), batch_size):
-        batch = ordered[b : b + batch_size]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, (p, _) in enumerate(batch):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        longest = max(n for _, n in batch)
-        model.generate(
-            ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        produced += sum(n for _, n in batch)
-    elapsed = sync_time() - start
-    return {
-        "requests": len(requests),
-        "batch_size": batch_size,
-        "elapsed_s": elapsed,
-        "output_tokens": produced,
-        "output_tok_s": produced / elapsed,
-    }
 
 
 def run_hf(folder: str, dtype: torch.dtype, device: str, prompt, new_tokens: int, requests, batch_size: int) -> dict:

@@ -40,22 +40,13 @@ from slimserve.checkpoint.random_model import save_random_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine import SHAPES, make_requests  # noqa: E402
+from long_context import TINY  # noqa: E402
 from moe import QWEN3_30B_A3B  # noqa: E402
 from moe import TINY as TINY_MOE  # noqa: E402
 
 for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
     os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
 
-TINY = dict(
-    SHAPES["llama-3.2-1b"],
-    vocab_size=1024,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-)
 MULTI_GPU_SHAPES = {
     "tiny": TINY,
     "tiny-moe": TINY_MOE | dict(num_hidden_layers=2),
