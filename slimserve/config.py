@@ -212,6 +212,9 @@ class EngineConfig:
         from slimserve.engine.speculative.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            # The draft and verification passes run on the driver rank alone.
+            raise SlimserveError("speculative decoding needs tensor_parallel_size 1")
 
 
 @dataclass

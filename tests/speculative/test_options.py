@@ -17,6 +17,8 @@ def test_parse_forms_and_errors():
     assert cfg == SpeculativeConfig(method="ngram", num_speculative_tokens=5)
     assert SpeculativeConfig.parse(None) is None and SpeculativeConfig.parse({}) is None
     assert EngineConfig(model="m", speculative_config={"method": "ngram"}).speculative_config.method == "ngram"
+    with pytest.raises(SlimserveError, match="tensor_parallel_size 1"):
+        EngineConfig(model="m", speculative_config={"method": "ngram"}, tensor_parallel_size=2)
     for bad, message in [
         ("{not json", "not valid JSON"),
         ({"method": "medusa"}, "unknown"),

@@ -14,7 +14,6 @@ from slimserve.engine.speculative.decoder import SpeculativeDecoder
 from slimserve.engine.speculative.draft_model import DraftModelProposer
 from slimserve.engine.speculative.ngram import NgramProposer
 from slimserve.engine.speculative.proposer import Proposer
-from slimserve.errors import SlimserveError
 
 
 def _kv_bytes(cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
@@ -53,9 +52,6 @@ def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: Model
 def build_speculative(
     spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner, tokenizer
 ) -> SpeculativeDecoder:
-    if config.tensor_parallel_size > 1:
-        # The verification and draft passes run on the driver alone; the other ranks would wait forever.
-        raise SlimserveError("speculative decoding needs tensor_parallel_size 1")
     if spec.method == "ngram":
         proposer: Proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
     elif spec.method == "draft":

@@ -20,11 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimserve.config import ModelConfig
+from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError, ModelNotFoundError
 from slimserve.kernels.rotary_ref import apply_rotary_ref
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.linear import Linear
 from slimserve.layers.norm import RMSNorm
+from slimserve.layers.rotary import RotaryEmbedding
 from slimserve.models.llama import LlamaDecoderLayer
 
 ARCHITECTURE = "EagleDraftHead"
@@ -42,7 +44,10 @@ class EagleHead(nn.Module):
         self.config = cfg
         hidden = cfg.hidden_size
         self.fc = Linear(2 * hidden, [hidden], bias=True)
-        self.layer = LlamaDecoderLayer(cfg)
+        rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
+        )
+        self.layer = LlamaDecoderLayer(cfg, ParallelState(), rotary)
         self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
 
     def forward(
