@@ -148,6 +148,19 @@ def acceptance(args: argparse.Namespace) -> None:
         with open(ACCEPTANCE_JSON + ".tmp", "w") as f:
             json.dump({"runs": list(previous.values())}, f, indent=2)
         os.replace(ACCEPTANCE_JSON + ".tmp", ACCEPTANCE_JSON)
+    print_acceptance_table()
+
+
+def print_acceptance_table() -> None:
+    with open(ACCEPTANCE_JSON) as f:
+        runs = json.load(f)["runs"]
+    print("| run | target | prompts | acceptance rate | mean accepted length | equal to plain greedy |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        print(
+            f"| {r['name']} | {r['target']} | {r['num_prompts']} x {r['output_tokens'] // r['num_prompts']} tokens "
+            f"| {r['acceptance_rate']:.3f} | {r['mean_accepted_length']:.2f} | {r.get('matches_plain_greedy', '-')} |"
+        )
 
 
 # ---- speed --------------------------------------------------------------------------------------------
