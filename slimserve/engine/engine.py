@@ -99,7 +99,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
-        self.speculative = build_speculative(spec, config, self.runner, self.tokenizer) if spec else None
+        self.speculative = build_speculative(spec, config, self.runner) if spec else None
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.kv_cache_plan = describe_kv_cache(

@@ -32,7 +32,7 @@ def proposer_kv_bytes_per_block(
     return 0
 
 
-def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: ModelRunner, tokenizer) -> Proposer:
+def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: ModelRunner) -> Proposer:
     path = resolve_model(spec.model)
     draft_config = ModelConfig.from_folder(path)
     # A draft with another tokenizer stays lossless (the target verifies every token), it is just rarely right.
@@ -49,13 +49,11 @@ def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: Model
     return DraftModelProposer(runner, target.model_config.vocab_size, config.seed)
 
 
-def build_speculative(
-    spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner, tokenizer
-) -> SpeculativeDecoder:
+def build_speculative(spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner) -> SpeculativeDecoder:
     if spec.method == "ngram":
         proposer: Proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
     elif spec.method == "draft":
-        proposer = _draft_proposer(spec, config, runner, tokenizer)
+        proposer = _draft_proposer(spec, config, runner)
     else:
         from slimserve.engine.speculative.eagle import EagleProposer
 

@@ -17,7 +17,7 @@ from slimserve.engine.speculative.config import SpeculativeConfig
 from slimserve.engine.speculative.proposer import Proposal, Proposer, RowSampling
 from slimserve.engine.speculative.rejection import greedy_verify, rejection_sample
 from slimserve.engine.speculative.stats import SpeculativeStats
-from slimserve.engine.speculative.verify_graphs import VerifyGraphs
+from slimserve.engine.speculative.verify_graphs import VerifyGraph, VerifyGraphs
 from slimserve.layers.sampler import apply_penalties, uses_penalties
 
 
@@ -133,7 +133,7 @@ class SpeculativeDecoder:
         logits = self.runner.model.compute_logits(hidden[index]).float()
         return hidden, logits.view(n_seq, width + 1, -1), cu
 
-    def _graph_for(self, seqs: list[Sequence], starts: list[int]):
+    def _graph_for(self, seqs: list[Sequence], starts: list[int]) -> VerifyGraph | None:
         """The verification graph for this batch, if one is captured and every sequence has one token to
         catch up and KV room for k drafts."""
         if self.graphs is None:
