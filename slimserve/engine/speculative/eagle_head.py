@@ -21,13 +21,13 @@ from torch import nn
 
 from slimserve.config import ModelConfig
 from slimserve.distributed.state import ParallelState
-from slimserve.errors import CheckpointError, ModelNotFoundError
+from slimserve.errors import CheckpointError, ModelNotFoundError, SlimserveError
 from slimserve.kernels.rotary_ref import apply_rotary_ref
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.linear import Linear
 from slimserve.layers.norm import RMSNorm
 from slimserve.layers.rotary import RotaryEmbedding
-from slimserve.models.llama import LlamaDecoderLayer
+from slimserve.models.llama import LlamaDecoderLayer, LlamaMLP
 
 ARCHITECTURE = "EagleDraftHead"
 WEIGHTS = "model.safetensors"
@@ -47,7 +47,8 @@ class EagleHead(nn.Module):
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
         )
-        self.layer = LlamaDecoderLayer(cfg, ParallelState(), rotary)
+        parallel = ParallelState()
+        self.layer = LlamaDecoderLayer(cfg, parallel, rotary, LlamaMLP(cfg, parallel))
         self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
 
     def forward(
@@ -93,6 +94,8 @@ class EagleHead(nn.Module):
         """Start from the target's last decoder layer and final norm, with the fusion passing the feature
         through and the embedding in with small random weights: the head starts near 'repeat f_t'."""
         hidden = self.config.hidden_size
+        if not isinstance(target.layers[-1].mlp, LlamaMLP):
+            raise SlimserveError("draft heads are trained for targets with dense MLPs (not mixtures of experts)")
         self.layer.load_state_dict(target.layers[-1].state_dict())
         self.norm.weight.data.copy_(target.norm.weight.data)
         gen = torch.Generator(device="cpu").manual_seed(seed)
