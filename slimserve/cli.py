@@ -1,4 +1,4 @@
-"""`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval."""
+"""`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval, train-draft."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
+from slimserve.engine.speculative.cli import add_train_draft_parser
 from slimserve.errors import run_reporting_bad_input
 from slimserve.serve.bench_client import add_bench_serve_parser
 from slimserve.serve.cli import add_serve_parser
@@ -68,6 +69,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="MoE models: split the experts over the tensor-parallel ranks instead of slicing each expert",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the engine's random generator")
+    group.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        "(methods: draft, ngram, eagle; keys: model, disable_by_batch_size, prompt_lookup_min/max)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +91,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed,
+        speculative_config=args.speculative_config,
     )
 
 
@@ -276,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_compress_parser(sub)
     add_eval_parser(sub)
+    add_train_draft_parser(sub)
     return parser
 
 

@@ -195,6 +195,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # MoE layers: each rank owns a contiguous range of experts and tokens travel to them (all-to-all).
     enable_expert_parallel: bool = False
+    # Speculative decoding: a SpeculativeConfig, or its fields as a dict or JSON string (None: off).
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -207,6 +209,12 @@ class EngineConfig:
             raise SlimserveError(f"num_decode_steps must be positive, got {self.num_decode_steps}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise SlimserveError(f"max_model_len must be positive, got {self.max_model_len}")
+        from slimserve.engine.speculative.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            # The draft and verification passes run on the driver rank alone.
+            raise SlimserveError("speculative decoding needs tensor_parallel_size 1")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ from slimserve.engine.outputs import CompletionOutput, RequestOutput
 from slimserve.engine.runner import ModelRunner
 from slimserve.engine.scheduler import Scheduler
 from slimserve.engine.sequence import Sequence
+from slimserve.engine.speculative.build import build_speculative, proposer_kv_bytes_per_block
 from slimserve.errors import PromptTooLongError, SlimserveError
 
 logger = logging.getLogger(__name__)
@@ -88,13 +90,16 @@ class LLMEngine:
         self.tensor_parallel = launch_tensor_parallel(config, self.model_config, self.model_path, self.device)
         self._shutdown = weakref.finalize(self, self.tensor_parallel.shutdown)
         self.device = self.tensor_parallel.device
+        spec = config.speculative_config
+        extra_kv = proposer_kv_bytes_per_block(spec, self.model_config, config.block_size, self.dtype) if spec else 0
         self.runner = ModelRunner(
-            config, self.model_config, self.model_path, self.device, self.dtype, self.tensor_parallel.parallel
+            config, self.model_config, self.model_path, self.device, self.dtype, self.tensor_parallel.parallel, extra_kv
         )
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
+        self.speculative = build_speculative(spec, config, self.runner) if spec else None
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.kv_cache_plan = describe_kv_cache(
@@ -151,15 +156,26 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        spec = self.speculative
+        lookahead = spec.lookahead(len(self.scheduler.running)) if spec else 0
+        batch = self.scheduler.schedule(lookahead)
         if not batch.seqs:
             return []
         for seq in batch.seqs:
             request = self.requests[seq.request_id]
             if seq.num_output_tokens == 0 and not request.num_cached_tokens:
                 request.num_cached_tokens = seq.num_computed_tokens
-        result = self.runner.execute(batch)
-        if batch.num_steps == 1:
+        result = None
+        if spec:
+            spec.release(self.requests)
+            if lookahead and batch.is_decode_only:
+                result = spec.execute(batch)
+        speculated = result is not None
+        if result is None:
+            result = self.runner.execute(batch)
+            if spec:
+                spec.observe(batch, self.runner.last_hidden if batch.num_steps == 1 else None)
+        if batch.num_steps == 1 and not speculated:
             # Register computed blocks before the new token lands: a prefill's blocks are shareable even
             # if the request finishes right away.
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -190,6 +206,11 @@ class LLMEngine:
             if batch.num_steps > 1 and not seq.finished:
                 seq.num_computed_tokens += batch.num_steps
                 self.block_manager.register_full_blocks(seq)
+            elif speculated and not seq.finished:
+                # The last token and the accepted drafts are now in the cache; the rejected drafts' blocks go back.
+                seq.num_computed_tokens += len(result.token_ids[j])
+                self.block_manager.register_full_blocks(seq)
+                self.block_manager.trim(seq)
         return outputs
 
     def _advance(self, request: _Request, token: int) -> str:
@@ -258,4 +279,9 @@ class LLMEngine:
             new_text=delta,
             new_token_ids=new_ids,
             num_cached_tokens=request.num_cached_tokens,
+            speculative=self._speculative_stats(seq.request_id),
         )
+
+    def _speculative_stats(self, request_id: str):
+        stats = self.speculative.request_stats.get(request_id) if self.speculative else None
+        return dataclasses.replace(stats) if stats is not None else None

@@ -111,6 +111,18 @@ class BlockManager:
             self.hash_to_block.setdefault(block_hash, block.block_id)
             seq.block_hashes.append(block_hash)
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's computed tokens (reserved for drafts the target
+        rejected). They were never registered in the prefix cache."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.block_hash, block.tokens = None, ()
+                self.free_ids.append(block_id)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks. Tail blocks go first into the LRU queue, so they are evicted
         before the shared prefix they extend."""

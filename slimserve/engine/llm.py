@@ -30,8 +30,12 @@ class LLM:
         dtype: str = "auto",
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.9,
+        speculative: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        """speculative: e.g. {"method": "ngram", "num_speculative_tokens": 4} (also as speculative_config)."""
+        if speculative is not None:
+            kwargs["speculative_config"] = speculative
         config = EngineConfig(
             model=model or "default",
             dtype=dtype,

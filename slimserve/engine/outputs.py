@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from slimserve.engine.speculative.stats import SpeculativeStats
+
 
 @dataclass
 class CompletionOutput:
@@ -32,3 +34,5 @@ class RequestOutput:
     new_text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # Draft acceptance of this request so far, when speculative decoding is on.
+    speculative: SpeculativeStats | None = None

@@ -74,9 +74,14 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         parallel: ParallelState | None = None,
+        extra_kv_bytes_per_block: int = 0,
     ) -> None:
+        """extra_kv_bytes_per_block: cache memory a speculative proposer needs beside each target block."""
         self.config = config
         self.parallel = parallel or ParallelState()
+        self.extra_kv_bytes_per_block = extra_kv_bytes_per_block
+        # Final hidden states of the latest eager forward pass (read by speculative proposers).
+        self.last_hidden: torch.Tensor | None = None
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
@@ -110,13 +115,14 @@ class ModelRunner:
         if self.device.type != "cuda":
             # No memory probe on the CPU: a fixed budget, never more than the batch could ever use.
             most = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
-            return max(1, min(CPU_KV_CACHE_BYTES // self.kv_bytes_per_block, most))
+            return max(1, min(CPU_KV_CACHE_BYTES // (self.kv_bytes_per_block + self.extra_kv_bytes_per_block), most))
         peak = self._profile_peak_memory()
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_allocated(self.device)
         available = total * self.config.gpu_memory_utilization - non_torch - peak
         # Every rank must hold the same blocks: the smallest rank decides.
-        num_blocks = self.parallel.min_over_ranks(int(available // self.kv_bytes_per_block), self.device)
+        per_block = self.kv_bytes_per_block + self.extra_kv_bytes_per_block
+        num_blocks = self.parallel.min_over_ranks(int(available // per_block), self.device)
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
         return num_blocks
@@ -189,6 +195,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one scheduled batch: a prefill/mixed step, or `batch.num_steps` decode steps back to back."""
+        self.last_hidden = None
         (ids, positions, slots, seq_lens, cu), tables, sample_rows = self._prepare(batch)
         width = max(len(t) for t in tables)
         flat_tables = [b for t in tables for b in (t + [0] * (width - len(t)))]
@@ -253,7 +260,8 @@ class ModelRunner:
             block_tables=parts[5],
             max_seqlen_q=max_seqlen_q,
         )
-        return self.model(parts[0], parts[1], meta)
+        self.last_hidden = self.model(parts[0], parts[1], meta)
+        return self.last_hidden
 
     def _decode_steps(
         self,

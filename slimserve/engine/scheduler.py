@@ -65,8 +65,10 @@ class Scheduler:
         wanted = max(s.params.max_tokens - s.num_output_tokens for s in self.running)
         return max(1, min(self.num_decode_steps, room, wanted))
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(num_steps=self._decode_window())
+    def schedule(self, num_lookahead_slots: int = 0) -> ScheduledBatch:
+        """num_lookahead_slots: KV slots to reserve past a decoding sequence's next token (for speculative
+        drafts), where the free blocks allow it without preempting anyone; such steps run one at a time."""
+        batch = ScheduledBatch(num_steps=1 if num_lookahead_slots else self._decode_window())
         budget = self.max_num_batched_tokens
         # Running sequences, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -80,7 +82,13 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break
-            self.block_manager.allocate(seq, num_new * batch.num_steps)
+            lookahead = num_lookahead_slots if seq.num_uncomputed_tokens == 1 else 0
+            lookahead = min(lookahead, self.max_model_len - len(seq.token_ids))
+            if lookahead and self.block_manager.can_allocate(seq, num_new + lookahead):
+                num_new_slots = num_new + lookahead
+            else:
+                num_new_slots = num_new * batch.num_steps
+            self.block_manager.allocate(seq, num_new_slots)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new

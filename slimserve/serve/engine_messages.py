@@ -54,6 +54,10 @@ class EngineStats:
     num_preemptions: int = 0
     num_steps: int = 0
     max_step_gap_s: float = 0.0
+    # Speculative decoding (zero when it is off): verifications with drafts, drafted and accepted tokens.
+    spec_num_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass

@@ -171,6 +171,7 @@ class EngineWorker:
 
     def stats(self) -> EngineStats:
         bm, sched = self.engine.block_manager, self.engine.scheduler
+        spec = self.engine.speculative.stats if self.engine.speculative else None
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -181,4 +182,7 @@ class EngineWorker:
             num_preemptions=sched.num_preemptions,
             num_steps=self._num_steps,
             max_step_gap_s=self._max_gap,
+            spec_num_drafts=spec.num_drafts if spec else 0,
+            spec_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens=spec.num_accepted_tokens if spec else 0,
         )

@@ -38,6 +38,19 @@ class _EngineStatsCollector(Collector):
         yield GaugeMetricFamily(
             "slimserve_engine_step_gap_max_seconds", "Longest pause between two busy engine steps.", s.max_step_gap_s
         )
+        yield CounterMetricFamily("slimserve_spec_decode_num_drafts", "Verifications with drafts.", s.spec_num_drafts)
+        yield CounterMetricFamily(
+            "slimserve_spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_draft_tokens
+        )
+        yield CounterMetricFamily(
+            "slimserve_spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_accepted_tokens
+        )
+        rate = s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0
+        yield GaugeMetricFamily("slimserve_spec_decode_acceptance_rate", "Accepted over drafted tokens.", rate)
+        length = 1 + s.spec_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts else 0.0
+        yield GaugeMetricFamily(
+            "slimserve_spec_decode_mean_accepted_length", "Tokens per verification (accepted + 1).", length
+        )
 
 
 class ServerMetrics:
