@@ -1,0 +1,171 @@
+"""Tiny random diffusers pipelines built offline from configs, each with the inputs one call needs (prompt
+embeddings instead of text encoders, so no tokenizer is downloaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+
+def tiny_vae(shift_factor: float | None = None) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        shift_factor=shift_factor,
+    )
+
+
+def dit() -> tuple[Any, dict]:
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    )
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
+    return pipe, dict(class_labels=[1, 7], guidance_scale=3.0, output_type="pt")
+
+
+def pixart() -> tuple[Any, dict]:
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=12,
+        norm_num_groups=4,
+    )
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler()
+    )
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, 5, 12, generator=generator)
+    inputs = dict(
+        prompt_embeds=embeds,
+        prompt_attention_mask=torch.ones(1, 5, dtype=torch.long),
+        negative_prompt=None,
+        negative_prompt_embeds=torch.zeros_like(embeds),
+        negative_prompt_attention_mask=torch.ones(1, 5, dtype=torch.long),
+        height=32,
+        width=32,
+        guidance_scale=4.0,
+        use_resolution_binning=False,
+        output_type="pt",
+    )
+    return pipe, inputs
+
+
+def flux() -> tuple[Any, dict]:
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=12,
+        axes_dims_rope=(2, 2, 4),
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(
+        prompt_embeds=torch.randn(1, 6, 12, generator=generator),
+        pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
+        height=16,
+        width=16,
+        guidance_scale=1.0,
+        output_type="pt",
+    )
+    return pipe, inputs
+
+
+def sd_unet() -> tuple[Any, dict]:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, 5, 12, generator=generator)
+    inputs = dict(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros_like(embeds),
+        height=16,
+        width=16,
+        guidance_scale=5.0,
+        output_type="pt",
+    )
+    return pipe, inputs
+
+
+BUILDERS = {"dit": dit, "pixart": pixart, "flux": flux, "sd_unet": sd_unet}
+
+
+def run(pipe: Any, inputs: dict, steps: int = 6, seed: int = 0) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # models built from a config start in training mode (DiT's label dropout)
+    with torch.no_grad():
+        result = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+    return result.images
