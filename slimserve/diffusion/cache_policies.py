@@ -82,9 +82,7 @@ class AccumulatedInputChange(CachePolicy):
 
     def reuse(self, state: BranchState, residual: torch.Tensor | None, indicator: list[torch.Tensor]) -> bool:
         previous, state.previous_indicator = state.previous_indicator, indicator
-        shapes_match = len(previous) == len(indicator) and all(
-            p.shape == c.shape for p, c in zip(previous, indicator)
-        )
+        shapes_match = len(previous) == len(indicator) and all(p.shape == c.shape for p, c in zip(previous, indicator))
         if not state.has_cache or not shapes_match:
             state.accumulated = 0.0
             return False

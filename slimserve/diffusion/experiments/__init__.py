@@ -1,0 +1,1 @@
+"""The quality experiment: a small class-conditional DiT trained on drawn shapes, sampled with every acceleration."""
