@@ -101,7 +101,7 @@ def flux() -> tuple[Any, dict]:
         axes_dims_rope=(2, 2, 4),
     )
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
         vae=tiny_vae(shift_factor=0.1),
         text_encoder=None,
         tokenizer=None,
