@@ -37,7 +37,8 @@ def fp8_linear_cuda(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias, out_dtype=out_dtype)
+    """Row-wise scaled FP8 GEMM: x_scale is (M, 1), w_scale (1, N), both fp32."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype)
 
 
 class FP8Linear(nn.Module):
@@ -49,13 +50,14 @@ class FP8Linear(nn.Module):
         w_q, w_scale = quantize_fp8_rows(linear.weight.detach())
         self.register_buffer("weight", w_q)
         self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("weight_scale_row", w_scale.t().contiguous(), persistent=False)  # (1, N) for the GEMM
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]))
         if x.is_cuda:
-            out = fp8_linear_cuda(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+            out = fp8_linear_cuda(x_q, x_scale, self.weight, self.weight_scale_row, self.bias, x.dtype)
         else:
             out = fp8_linear_ref(x_q, x_scale, self.weight, self.weight_scale, self.bias).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
