@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
+from slimserve.diffusion.cli import add_diffuse_parser, add_distill_steps_parser
 from slimserve.engine.speculative.cli import add_train_draft_parser
 from slimserve.errors import run_reporting_bad_input
 from slimserve.serve.bench_client import add_bench_serve_parser
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_parser(sub)
     add_eval_parser(sub)
     add_train_draft_parser(sub)
+    add_diffuse_parser(sub)
+    add_distill_steps_parser(sub)
     return parser
 
 

@@ -43,3 +43,27 @@ class AccelerationConfig:
             raise DiffusionConfigError(f"cache_warmup must be >= 0, got {self.cache_warmup}")
         if self.cache_threshold < 0:
             raise DiffusionConfigError(f"cache_threshold must be >= 0, got {self.cache_threshold}")
+
+
+class DistillationError(SlimserveError):
+    """A teacher that cannot be distilled or a setting that makes no sense."""
+
+
+@dataclass
+class DistillConfig:
+    student_steps: int = 4
+    substeps: int = 8  # teacher Euler steps inside each student step
+    guidance_scale: float = 3.0
+    num_trajectories: int = 512
+    train_steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-4
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("student_steps", "substeps", "num_trajectories", "train_steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DistillationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise DistillationError(f"lr must be > 0, got {self.lr}")

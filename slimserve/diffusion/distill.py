@@ -13,7 +13,7 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,31 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
 from slimserve.diffusion.class_pipeline import ClassConditionalFlowPipeline
-from slimserve.errors import SlimserveError
-
-
-class DistillationError(SlimserveError):
-    """A teacher that cannot be distilled or a setting that makes no sense."""
-
-
-@dataclass
-class DistillConfig:
-    student_steps: int = 4
-    substeps: int = 8  # teacher Euler steps inside each student step
-    guidance_scale: float = 3.0
-    num_trajectories: int = 512
-    train_steps: int = 600
-    batch_size: int = 64
-    lr: float = 2e-4
-    checkpoint_every: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("student_steps", "substeps", "num_trajectories", "train_steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise DistillationError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise DistillationError(f"lr must be > 0, got {self.lr}")
+from slimserve.diffusion.config import DistillationError, DistillConfig
 
 
 def student_sigmas(pipe: ClassConditionalFlowPipeline, steps: int) -> torch.Tensor:
@@ -65,16 +41,18 @@ def teacher_trajectories(
     shape = (config.num_trajectories, model_config.in_channels, model_config.sample_size, model_config.sample_size)
     noise = torch.randn(shape, generator=generator)
     labels = torch.randint(0, pipe.null_class, (config.num_trajectories,), generator=generator)
+    device = pipe.transformer.device
     states = torch.empty(len(noise), len(sigmas), *shape[1:])
     for start in tqdm(range(0, len(noise), config.batch_size), desc="teacher trajectories"):
-        x = noise[start : start + config.batch_size].clone()
-        y = labels[start : start + config.batch_size]
-        states[start : start + len(x), 0] = x
+        x = noise[start : start + config.batch_size].to(device)
+        y = labels[start : start + config.batch_size].to(device)
+        states[start : start + len(x), 0] = x.cpu()
         for i in range(len(sigmas) - 1):
             fine = torch.linspace(float(sigmas[i]), float(sigmas[i + 1]), config.substeps + 1)
             for s, s_next in zip(fine[:-1], fine[1:]):
-                x = x + (s_next - s) * pipe.velocity(x, s.reshape(1) * 1000, y, config.guidance_scale)
-            states[start : start + len(x), i + 1] = x
+                timestep = (s * 1000).reshape(1).to(device)
+                x = x + (s_next - s) * pipe.velocity(x, timestep, y, config.guidance_scale)
+            states[start : start + len(x), i + 1] = x.cpu()
     return {"states": states, "labels": labels}
 
 
@@ -87,14 +65,14 @@ def _save_checkpoint(folder: Path, student, optimizer, step: int) -> None:
     os.replace(temporary, folder)
 
 
-def distill_steps(teacher_dir: str | Path, output: str | Path, config: DistillConfig) -> Path:
+def distill_steps(teacher_dir: str | Path, output: str | Path, config: DistillConfig, device: str = "cpu") -> Path:
     """Distill the class-conditional flow pipeline in `teacher_dir` into a `student_steps`-step student."""
     teacher_dir, output = Path(teacher_dir), Path(output)
     if not (teacher_dir / "model_index.json").exists():
         raise DistillationError(f"{teacher_dir}: no diffusers pipeline (model_index.json missing)")
     if output.exists():
         raise DistillationError(f"{output} already exists; choose another output folder")
-    pipe = ClassConditionalFlowPipeline.from_pretrained(teacher_dir)
+    pipe = ClassConditionalFlowPipeline.from_pretrained(teacher_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.eval()
     work = output.with_name(output.name + ".work")
@@ -116,9 +94,9 @@ def distill_steps(teacher_dir: str | Path, output: str | Path, config: DistillCo
     checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if checkpoints:
         latest = checkpoints[-1]
-        student = type(student).from_pretrained(latest / "transformer")
+        student = type(student).from_pretrained(latest / "transformer").to(device)
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-        state = torch.load(latest / "training_state.pt")
+        state = torch.load(latest / "training_state.pt", map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
     student.eval()  # eval mode: the label embedding must not drop labels, guidance is distilled in
@@ -129,10 +107,10 @@ def distill_steps(teacher_dir: str | Path, output: str | Path, config: DistillCo
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # a resumed run draws the same
         index = torch.randint(0, count, (config.batch_size,), generator=generator)
         interval = torch.randint(0, intervals, (config.batch_size,), generator=generator)
-        x, x_next = states[index, interval], states[index, interval + 1]
-        s, s_next = sigmas[interval], sigmas[interval + 1]
+        x, x_next = states[index, interval].to(device), states[index, interval + 1].to(device)
+        s, s_next = sigmas[interval].to(device), sigmas[interval + 1].to(device)
         target = (x_next - x) / (s_next - s)[:, None, None, None]
-        prediction = student(x, timestep=s * 1000, class_labels=labels[index]).sample
+        prediction = student(x, timestep=s * 1000, class_labels=labels[index].to(device)).sample
         loss = ((prediction - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,7 +124,7 @@ def distill_steps(teacher_dir: str | Path, output: str | Path, config: DistillCo
     progress.close()
 
     result = ClassConditionalFlowPipeline(
-        student.eval(), FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        student.cpu().eval(), FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     )
     temporary = output.with_name(output.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)

@@ -6,7 +6,8 @@ from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
 from slimserve.diffusion import distill
 from slimserve.diffusion.class_pipeline import ClassConditionalFlowPipeline
-from slimserve.diffusion.distill import DistillationError, DistillConfig, distill_steps
+from slimserve.diffusion.config import DistillationError, DistillConfig
+from slimserve.diffusion.distill import distill_steps
 
 
 def tiny_teacher(folder):

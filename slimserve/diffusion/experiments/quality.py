@@ -59,7 +59,13 @@ METHODS = [
         TEACHER_STEPS,
         acceleration=dict(solver="euler", cache="first_block", cache_threshold=0.08),
     ),
+    Method(
+        "first-block cache 0.2",
+        TEACHER_STEPS,
+        acceleration=dict(solver="euler", cache="first_block", cache_threshold=0.2),
+    ),
     Method("teacache 0.3", TEACHER_STEPS, acceleration=dict(solver="euler", cache="teacache", cache_threshold=0.3)),
+    Method("teacache 0.6", TEACHER_STEPS, acceleration=dict(solver="euler", cache="teacache", cache_threshold=0.6)),
     Method("distilled student-4", 4, guidance=1.0, student=True),
 ]
 
@@ -67,8 +73,10 @@ METHODS = [
 def sample(pipe: ClassConditionalFlowPipeline, method: Method, labels, noise) -> tuple[torch.Tensor, float, float]:
     """Images, seconds per image and the fraction of model calls that ran the blocks."""
     acceleration = accelerate_(pipe, AccelerationConfig(**method.acceleration)) if method.acceleration else None
+    synchronize(noise.device)
     start = time.perf_counter()
     images = pipe(labels, method.steps, guidance_scale=method.guidance, latents=noise).images
+    synchronize(noise.device)
     seconds = (time.perf_counter() - start) / len(labels)
     computed = 1.0
     if acceleration is not None and acceleration.cache is not None:
@@ -78,36 +86,44 @@ def sample(pipe: ClassConditionalFlowPipeline, method: Method, labels, noise) ->
     return images, seconds, computed
 
 
-def evaluate(workdir: Path, seeds: list[int], per_seed: int, teacher_steps: int, distill: DistillConfig) -> dict:
-    teacher = artifacts.teacher(workdir, teacher_steps)
-    classifier: ShapesClassifier = artifacts.classifier(workdir)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(
+    workdir: Path, seeds: list[int], per_seed: int, teacher_steps: int, distill: DistillConfig, device: str
+) -> dict:
+    teacher = artifacts.teacher(workdir, teacher_steps, device)
+    classifier: ShapesClassifier = artifacts.classifier(workdir, device)
     student_dir = workdir / "student"
     if not student_dir.exists():
-        distill_steps(workdir / "teacher", student_dir, distill)
-    student = ClassConditionalFlowPipeline.from_pretrained(student_dir)
+        distill_steps(workdir / "teacher", student_dir, distill, device=device)
+    student = ClassConditionalFlowPipeline.from_pretrained(student_dir).to(device)
     student.set_progress_bar_config(disable=True)
     reference = make_dataset(2000, seed=100)
     with torch.no_grad():
-        reference_features = classifier.features(reference.images)
+        reference_features = classifier.features(reference.images.to(device)).cpu()
     results: dict[str, dict[str, list[float]]] = {}
     grid: dict[str, torch.Tensor] = {}
     floor = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         labels = (torch.arange(per_seed) % NUM_CLASSES)[torch.randperm(per_seed, generator=generator)]
-        noise = torch.randn(per_seed, 3, 16, 16, generator=generator)
+        noise = torch.randn(per_seed, 3, 16, 16, generator=generator).to(device)
         real = make_dataset(per_seed, seed=200 + seed)
         with torch.no_grad():
-            floor.append(frechet_distance(classifier.features(real.images), reference_features))
+            floor.append(frechet_distance(classifier.features(real.images.to(device)).cpu(), reference_features))
         teacher_images = None
         for method in METHODS:
             pipe = student if method.student else teacher
-            images, seconds, computed = sample(pipe, method, labels, noise)
+            images, seconds, computed = sample(pipe, method, labels.to(device), noise)
             if teacher_images is None:
                 teacher_images = images
             with torch.no_grad():
-                features = classifier.features(images)
-                shapes = classifier.shapes(images)
+                features = classifier.features(images).cpu()
+                shapes = classifier.shapes(images).cpu()
+            images = images.float().cpu()
             row = results.setdefault(method.name, {})
             metrics = {
                 "fd": frechet_distance(features, reference_features),
@@ -181,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=600, help="training steps of the student")
     parser.add_argument("--trajectories", type=int, default=512, help="teacher trajectories the student learns")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diffusion_quality.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,13 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     distill = DistillConfig(
         student_steps=4, guidance_scale=GUIDANCE, train_steps=args.distill_steps, num_trajectories=args.trajectories
     )
-    report = evaluate(args.workdir, args.seeds, args.per_seed, args.teacher_steps, distill)
+    report = evaluate(args.workdir, args.seeds, args.per_seed, args.teacher_steps, distill, args.device)
     grid, grid_labels = report.pop("grid"), report.pop("grid_labels")
     print_table(report)
     png = args.out.with_suffix(".png")
     save_grid(grid, grid_labels, png)
     report.update(
-        device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        device=torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         command=" ".join(["python -m slimserve.diffusion.experiments.quality", *sys.argv[1:]]),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         seeds=args.seeds,

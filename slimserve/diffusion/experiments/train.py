@@ -27,20 +27,26 @@ def new_teacher(layers: int = 6, heads: int = 4, head_dim: int = 16) -> ClassCon
 
 
 def train_teacher(
-    pipe: ClassConditionalFlowPipeline, data: ShapesData, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0
+    pipe: ClassConditionalFlowPipeline,
+    data: ShapesData,
+    steps: int,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> list[float]:
     """Rectified flow: x_t = (1 - t) x + t noise, the model regresses noise - x; labels drop to the null class
     10% of the time (the model's own label dropout in training mode) so CFG works."""
-    model = pipe.transformer.train()
+    model = pipe.transformer.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="teacher", mininterval=5):
         index = torch.randint(0, len(data.labels), (batch,), generator=generator)
-        x, labels = data.images[index], data.labels[index]
-        noise = torch.randn(x.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal times, as SD3 trains
+        x, labels = data.images[index].to(device), data.labels[index].to(device)
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        t = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)  # logit-normal times, as SD3 trains
         noisy = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise
         prediction = model(noisy, timestep=t * 1000, class_labels=labels).sample
         loss = ((prediction - (noise - x)) ** 2).mean()
@@ -84,14 +90,16 @@ class ShapesClassifier(nn.Module):
         return probs.sum(dim=-1).argmax(dim=-1)
 
 
-def train_classifier(data: ShapesData, steps: int = 600, batch: int = 128, seed: int = 0) -> ShapesClassifier:
+def train_classifier(
+    data: ShapesData, steps: int = 600, batch: int = 128, seed: int = 0, device: str = "cpu"
+) -> ShapesClassifier:
     torch.manual_seed(seed)
-    model = ShapesClassifier()
+    model = ShapesClassifier().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="classifier", mininterval=5):
         index = torch.randint(0, len(data.labels), (batch,), generator=generator)
-        loss = nn.functional.cross_entropy(model(data.images[index]), data.labels[index])
+        loss = nn.functional.cross_entropy(model(data.images[index].to(device)), data.labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

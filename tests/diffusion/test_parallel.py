@@ -1,0 +1,55 @@
+"""Two gloo ranks on the CPU give the single-process output: Ulysses and ring sequence parallelism, CFG parallelism."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.diffusion.tiny_pipelines import dit, pixart, run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, results) -> None:
+    from slimserve.diffusion.parallel import CFGParallel, SequenceParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        outputs = {}
+        for name, build in (("pixart", pixart), ("dit", dit)):
+            pipe, inputs = build()
+            outputs[f"{name} single"] = run(pipe, inputs, steps=3)
+            for mode in ("ulysses", "ring"):
+                parallel = SequenceParallel(pipe.transformer, mode)
+                outputs[f"{name} {mode}"] = run(pipe, inputs, steps=3)
+                parallel.remove()
+            parallel = CFGParallel(pipe.transformer)
+            outputs[f"{name} cfg"] = run(pipe, inputs, steps=3)
+            parallel.remove()
+            outputs[f"{name} restored"] = run(pipe, inputs, steps=3)
+        results[rank] = outputs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_the_single_process_output():
+    manager = mp.Manager()
+    results = manager.dict()
+    # fork: the ranks inherit the imported modules instead of importing diffusers again
+    mp.start_processes(_rank, args=(2, _free_port(), results), nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        outputs = results[rank]
+        for name in ("pixart", "dit"):
+            single = outputs[f"{name} single"]
+            assert torch.equal(outputs[f"{name} restored"], single)
+            for variant in ("ulysses", "ring", "cfg"):
+                assert torch.allclose(outputs[f"{name} {variant}"], single, atol=1e-5), (rank, name, variant)
+    assert torch.equal(results[0]["pixart ulysses"], results[1]["pixart ulysses"])
