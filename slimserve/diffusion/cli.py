@@ -89,7 +89,7 @@ def load_pipeline(folder: Path, device: str, dtype: Any) -> Any:
 
     name = json.loads(index.read_text()).get("_class_name")
     cls = ClassConditionalFlowPipeline if name == ClassConditionalFlowPipeline.__name__ else DiffusionPipeline
-    return cls.from_pretrained(folder, torch_dtype=dtype).to(device)
+    return cls.from_pretrained(folder, dtype=dtype).to(device)
 
 
 def run_diffuse(args: argparse.Namespace) -> None:
