@@ -19,10 +19,10 @@ def training_data(count: int = 20000) -> ShapesData:
     return make_dataset(count, TRAIN_SEED)
 
 
-def teacher(workdir: Path, steps: int, device: str = "cpu") -> ClassConditionalFlowPipeline:
+def teacher(workdir: Path, steps: int, device: str = "cpu", patch_size: int = 2) -> ClassConditionalFlowPipeline:
     folder = workdir / "teacher"
     if not (folder / "model_index.json").exists():
-        pipe = new_teacher()
+        pipe = new_teacher(patch_size=patch_size)
         train_teacher(pipe, training_data(), steps, device=device)
         temporary = workdir / "teacher.partial"
         shutil.rmtree(temporary, ignore_errors=True)

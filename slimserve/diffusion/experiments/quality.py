@@ -92,9 +92,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def evaluate(
-    workdir: Path, seeds: list[int], per_seed: int, teacher_steps: int, distill: DistillConfig, device: str
+    workdir: Path,
+    seeds: list[int],
+    per_seed: int,
+    teacher_steps: int,
+    distill: DistillConfig,
+    device: str,
+    patch_size: int,
 ) -> dict:
-    teacher = artifacts.teacher(workdir, teacher_steps, device)
+    teacher = artifacts.teacher(workdir, teacher_steps, device, patch_size)
     classifier: ShapesClassifier = artifacts.classifier(workdir, device)
     student_dir = workdir / "student"
     if not student_dir.exists():
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=600, help="training steps of the student")
     parser.add_argument("--trajectories", type=int, default=512, help="teacher trajectories the student learns")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--patch-size", type=int, default=2, help="teacher patch size (4: 16 tokens, for CPUs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diffusion_quality.json"))
     args = parser.parse_args(argv)
@@ -205,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     distill = DistillConfig(
         student_steps=4, guidance_scale=GUIDANCE, train_steps=args.distill_steps, num_trajectories=args.trajectories
     )
-    report = evaluate(args.workdir, args.seeds, args.per_seed, args.teacher_steps, distill, args.device)
+    report = evaluate(
+        args.workdir, args.seeds, args.per_seed, args.teacher_steps, distill, args.device, args.patch_size
+    )
     grid, grid_labels = report.pop("grid"), report.pop("grid_labels")
     print_table(report)
     png = args.out.with_suffix(".png")
@@ -219,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         images_per_seed=args.per_seed,
         teacher_training_steps=args.teacher_steps,
+        teacher_patch_size=args.patch_size,
         distill=asdict(distill),
         guidance_scale=GUIDANCE,
         grid_png=str(png),

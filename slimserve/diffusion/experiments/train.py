@@ -11,7 +11,9 @@ from slimserve.diffusion.class_pipeline import ClassConditionalFlowPipeline
 from slimserve.diffusion.experiments.shapes import IMAGE_SIZE, NUM_CLASSES, SHAPES, ShapesData
 
 
-def new_teacher(layers: int = 6, heads: int = 4, head_dim: int = 16) -> ClassConditionalFlowPipeline:
+def new_teacher(
+    layers: int = 6, heads: int = 4, head_dim: int = 16, patch_size: int = 2
+) -> ClassConditionalFlowPipeline:
     transformer = DiTTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -19,7 +21,7 @@ def new_teacher(layers: int = 6, heads: int = 4, head_dim: int = 16) -> ClassCon
         out_channels=3,
         num_layers=layers,
         sample_size=IMAGE_SIZE,
-        patch_size=2,
+        patch_size=patch_size,
         num_embeds_ada_norm=NUM_CLASSES,  # the label table gets one more row: the null class for CFG
         norm_num_groups=1,
     )
