@@ -27,10 +27,15 @@ def _rank(rank: int, world: int, port: int, results) -> None:
         for name, build in (("pixart", pixart), ("dit", dit)):
             pipe, inputs = build()
             outputs[f"{name} single"] = run(pipe, inputs, steps=3)
+            attn = pipe.transformer.transformer_blocks[0].attn1
             for mode in ("ulysses", "ring"):
                 parallel = SequenceParallel(pipe.transformer, mode)
+                lengths = []
+                hook = attn.register_forward_pre_hook(lambda module, args, seen=lengths: seen.append(args[0].shape[1]))
                 outputs[f"{name} {mode}"] = run(pipe, inputs, steps=3)
+                hook.remove()
                 parallel.remove()
+                outputs[f"{name} {mode} tokens per rank"] = torch.tensor(lengths)
             parallel = CFGParallel(pipe.transformer)
             outputs[f"{name} cfg"] = run(pipe, inputs, steps=3)
             parallel.remove()
@@ -41,6 +46,7 @@ def _rank(rank: int, world: int, port: int, results) -> None:
 
 
 def test_two_gloo_ranks_equal_the_single_process_output():
+    pipe_tokens = {"pixart": (32 // 2 // 2) ** 2, "dit": (8 // 2) ** 2}  # (image / VAE factor / patch) ** 2
     manager = mp.Manager()
     results = manager.dict()
     # fork: the ranks inherit the imported modules instead of importing diffusers again
@@ -50,6 +56,9 @@ def test_two_gloo_ranks_equal_the_single_process_output():
         for name in ("pixart", "dit"):
             single = outputs[f"{name} single"]
             assert torch.equal(outputs[f"{name} restored"], single)
+            tokens = pipe_tokens[name]
+            for mode in ("ulysses", "ring"):  # each rank's attention saw half of the image tokens
+                assert (outputs[f"{name} {mode} tokens per rank"] == tokens // 2).all()
             for variant in ("ulysses", "ring", "cfg"):
                 assert torch.allclose(outputs[f"{name} {variant}"], single, atol=1e-5), (rank, name, variant)
     assert torch.equal(results[0]["pixart ulysses"], results[1]["pixart ulysses"])
