@@ -7,7 +7,7 @@ achieved rates use the graph time: memory-bound kernels report bandwidth as a fr
 prefill attention reports TFLOP/s as a fraction of the bf16 matrix rate. A CUDA-graph check replays a
 captured decode step with new sequence lengths and block tables. Writes benchmarks/results/kernels-<date>.json.
 
-usage: python benchmarks/kernels.py [--models llama-3.2-1b qwen3-0.6b] [--batches 1 16 64 256]
+usage: python benchmarks/kernel_speed.py [--models llama-3.2-1b qwen3-0.6b] [--batches 1 16 64 256]
                                     [--contexts 128 1024 8192] [--prefill-tokens 2048] [--block-size 16]
 """
 
@@ -238,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a CUDA GPU", file=sys.stderr)
         return 1
     torch.manual_seed(0)
     rows: list[Row] = []
