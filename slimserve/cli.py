@@ -1,4 +1,5 @@
-"""`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval, train-draft."""
+"""`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval, train-draft, prune,
+convert-gqa, distill."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import time
 from typing import Any
 
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
+from slimserve.compress.prune.cli import add_convert_gqa_parser, add_prune_parser
 from slimserve.diffusion.cli import add_diffuse_parser, add_distill_steps_parser
+from slimserve.distill.cli import add_distill_parser
 from slimserve.engine.speculative.cli import add_train_draft_parser
 from slimserve.errors import run_reporting_bad_input
 from slimserve.serve.bench_client import add_bench_serve_parser
@@ -76,6 +79,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
         "(methods: draft, ngram, eagle; keys: model, disable_by_batch_size, prompt_lookup_min/max)",
     )
+    group.add_argument(
+        "--sparse-kernels",
+        action="store_true",
+        help="run 2:4 checkpoints on sparse tensor cores (default: dense GEMMs)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +99,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
+        sparse_kernels=args.sparse_kernels,
         seed=args.seed,
         speculative_config=args.speculative_config,
     )
@@ -288,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_draft_parser(sub)
     add_diffuse_parser(sub)
     add_distill_steps_parser(sub)
+    add_prune_parser(sub)
+    add_convert_gqa_parser(sub)
+    add_distill_parser(sub)
     return parser
 
 

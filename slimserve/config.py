@@ -197,6 +197,9 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     # Speculative decoding: a SpeculativeConfig, or its fields as a dict or JSON string (None: off).
     speculative_config: Any = None
+    # Run the linear layers of checkpoints marked 2:4 sparse on sparse tensor cores (CUDA, fp16/bf16). Off by
+    # default: measured slower than dense GEMMs on the H100 with PyTorch 2.11 (benchmarks/README.md).
+    sparse_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -33,8 +33,17 @@ def check_output(out: str | os.PathLike) -> Path:
     return path
 
 
-def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]:
-    """The `quantization_config` entry of config.json."""
+def quantization_config(model: nn.Module, config: QuantConfig | None, sparsity: dict | None = None) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json (with a `sparsity_config` for pruned weights)."""
+    if config is None:
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "dense",
+            "quantization_status": "compressed",
+            "config_groups": {},
+            "ignore": [],
+            "sparsity_config": sparsity,
+        }
     model_type = getattr(model.config, "model_type", "")
     ignore = sorted(checkpoint_name(model_type, n) for n, m in model.named_modules() if isinstance(m, nn.Linear))
     a = config.input_args()
@@ -53,6 +62,7 @@ def quantization_config(model: nn.Module, config: QuantConfig) -> dict[str, Any]
         "ignore": ignore,
         "kv_cache_scheme": None if config.kv_cache is None else config.kv_cache.args().to_dict(),
         "global_compression_ratio": None,
+        "sparsity_config": sparsity,
     }
 
 
@@ -94,21 +104,25 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
 
 def save_compressed(
     model: nn.Module,
-    config: QuantConfig,
+    config: QuantConfig | None,
     out: str | os.PathLike,
     tokenizer: Any = None,
     report: CompressionReport | None = None,
+    sparsity: dict | None = None,
 ) -> Path:
+    """Write the checkpoint; `config` None means weights left in floating point (pruned only)."""
     path = check_output(out)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)  # e.g. the GGUF origin of a dequantized model
+        if not cfg.get("architectures"):  # a model built from a config has none until save_pretrained
+            cfg["architectures"] = [type(model).__name__]
         tied = bool(cfg.get("tie_word_embeddings", False))
         if tied and isinstance(model.get_output_embeddings(), QuantizedLinear):
             cfg["tie_word_embeddings"] = tied = False  # a quantized lm_head no longer shares the embedding
-        cfg["quantization_config"] = quantization_config(model, config)
+        cfg["quantization_config"] = quantization_config(model, config, sparsity)
         _save_shards(_state_dict(model, tied), tmp)
         with open(tmp / "config.json", "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)

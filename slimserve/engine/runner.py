@@ -15,6 +15,7 @@ from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
+from slimserve.layers.sparse import sparse_structure, use_sparse_24
 from slimserve.models.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class ModelRunner:
         self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads
         self.model.load_weights(iter_safetensors(model_path, device, dtype))
         self.model.eval()
+        self.sparse_layers: list[str] = []
+        if config.sparse_kernels and sparse_structure(model_config.raw) == "2:4":
+            self.sparse_layers = use_sparse_24(self.model)
         self.sampler = Sampler(config.seed, device)
         self.max_model_len = config.max_model_len or model_config.max_context_len
         self.num_blocks = self._plan_kv_cache()
