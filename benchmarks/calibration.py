@@ -76,6 +76,10 @@ def main() -> None:
     vocab = model.config.vocab_size
     samples = [torch.randint(0, vocab, (1, args.seq_len), generator=gen) for _ in range(args.num_samples)]
 
+    # The goal: peak memory under 1.5x (one decoder layer + the calibration activations entering and leaving it).
+    layer_mb = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters()) / 2**20
+    activations_mb = 2 * args.num_samples * args.seq_len * model.config.hidden_size * dtype.itemsize / 2**20
+    budget_mb = 1.5 * (layer_mb + activations_mb)
     config = Int4WeightOnly(group_size=128, method="gptq")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,10 +89,6 @@ def main() -> None:
         torch.cuda.synchronize()
     total_s = time.perf_counter() - start
 
-    # The goal: peak memory under 1.5x (one decoder layer + the calibration activations entering and leaving it).
-    layer_mb = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters()) / 2**20
-    activations_mb = 2 * args.num_samples * args.seq_len * model.config.hidden_size * dtype.itemsize / 2**20
-    budget_mb = 1.5 * (layer_mb + activations_mb)
     per_layer = [{"layer": r.index, "seconds": r.seconds, "peak_memory_mb": r.peak_memory_mb} for r in report.layers]
     layer_s = [r.seconds for r in report.layers if r.index >= 0]
     result = {

@@ -25,6 +25,24 @@ class _StopForward(Exception):
     pass
 
 
+def _shared(value: Any, previous: Any) -> Any:
+    """`previous` when it holds the same tensors as `value`: samples of one length get the same attention
+    mask and rotary tables, and one copy of them per layer is enough (128 copies of a 2048x2048 mask would
+    take a gigabyte)."""
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        parts = tuple(_shared(v, p) for v, p in zip(value, previous))
+        return previous if all(a is b for a, b in zip(parts, previous)) else parts
+    same = (
+        isinstance(value, torch.Tensor)
+        and isinstance(previous, torch.Tensor)
+        and value.shape == previous.shape
+        and value.dtype == previous.dtype
+        and value.device == previous.device
+        and torch.equal(value, previous)
+    )
+    return previous if same else value
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during the capture pass."""
 
@@ -45,7 +63,8 @@ class _Recorder(nn.Module):
             raise TypeError("decoder layers are expected to take everything but hidden_states by keyword")
         if self.index == 0:
             self.first.append(hidden_states)
-        self.sink[self.index].append(kwargs)
+        previous = self.sink[self.index][-1] if self.sink[self.index] else {}
+        self.sink[self.index].append({k: _shared(v, previous.get(k)) for k, v in kwargs.items()})
         if self.last:
             raise _StopForward
         return hidden_states

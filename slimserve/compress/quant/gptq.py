@@ -41,8 +41,7 @@ class GPTQResult:
 
 def _inverse_cholesky(h: torch.Tensor, opts: GPTQOptions) -> tuple[torch.Tensor, float] | None:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold until it exists.
-    H is the caller's private copy and is damped in place: at an 8B model's MLP width every extra square
-    matrix costs most of a gigabyte of accelerator memory."""
+    H's diagonal is damped in place (the caller restores it): no square matrix more than needed."""
     diagonal = torch.diagonal(h)
     mean_diag = diagonal.mean()
     damp, added = opts.damping, 0.0
@@ -67,16 +66,30 @@ def _column_params(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> tupl
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype) -> GPTQResult | None:
-    """Quantize w (out, in) given the Hessian of its inputs; None when H is unusable (not finite)."""
+    """Quantize w (out, in) given the Hessian of its inputs; None when H is unusable (not finite).
+
+    A float32 h is borrowed rather than copied (at an 8B model's MLP width a copy costs most of a gigabyte
+    of accelerator memory): only its diagonal changes while the inverse is computed, and it is restored."""
     if args.strategy not in ("channel", "group") or args.type != "int":
         raise ValueError(f"GPTQ handles integer per-channel or group weights, not {args.type}/{args.strategy}")
     if not torch.isfinite(h).all():
         return None
+    h = h if h.dtype == torch.float32 else h.float()
+    diagonal = torch.diagonal(h)
+    saved = diagonal.clone()
+    try:
+        return _gptq(w, h, args, opts, dtype)
+    finally:
+        diagonal.copy_(saved)
+
+
+def _gptq(
+    w: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype
+) -> GPTQResult | None:
     W = w.to(torch.float32, copy=True)
-    H = h.to(torch.float32, copy=True)
     rows, cols = W.shape
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
+    torch.diagonal(H)[dead] = 1
     W[:, dead] = 0
 
     gs = args.group_size if args.strategy == "group" else cols
