@@ -112,9 +112,9 @@ def test_fp8_activation_quantization(group):
     rq, rs = quantize_fp8_ref(x, group)
     assert torch.allclose(s, rs, rtol=1e-6, atol=0), f"seed {seed}"
     assert torch.equal(q.float(), rq.float()), f"seed {seed}"
-    # Dequantized, within half an E4M3 step (relative 2**-4) of the input.
+    # Dequantized, within half an E4M3 step of the input: 2**-4 relative, 2**-10 of the scale among subnormals.
     full = rs.repeat_interleave(384 // rs.shape[1], 1)
-    assert ((rq.float() * full - x).abs() <= x.abs() * 2**-4 + 1e-12).all()
+    assert ((rq.float() * full - x).abs() <= x.abs() * 2**-4 + full * 2**-10).all(), f"seed {seed}"
 
 
 def test_fp8_static_scale():
