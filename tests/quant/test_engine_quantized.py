@@ -105,3 +105,15 @@ def test_int8_kv_cache_needs_scales(tmp_path):
     folder = compressed_folder(tmp_path, "llama", "W4A16")
     with pytest.raises(SlimserveError, match="k_scale"):
         LLM(folder, dtype="float32", device="cpu", kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("scheme", ["W4A8"])
+def test_dummy_weights_from_config_alone(tmp_path, scheme):
+    """load_format="dummy" (speed runs): config.json and a tokenizer, no weights; each layer draws random
+    tensors in its checkpoint layout."""
+    folder = compressed_folder(tmp_path, "llama", scheme)
+    for f in tmp_path.glob(f"{scheme}/*.safetensors"):
+        f.unlink()
+    llm = LLM(folder, dtype="float32", device="cpu", load_format="dummy", kv_cache_dtype="fp8")
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
