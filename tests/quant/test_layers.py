@@ -134,3 +134,19 @@ def test_unsupported_method_is_a_clear_error():
 
     with pytest.raises(CheckpointError, match="bitsandbytes"):
         QuantizationConfig.from_model_config({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+def test_int8_channel_weights_use_the_cpu_int8_kernel():
+    """Per-channel symmetric INT8 (compressed-tensors int-quantized) runs on PyTorch's CPU INT8 weight kernel."""
+    shards, dense = [], []
+    for rows in SHARDS:
+        q = torch.randint(-128, 128, (rows, K), dtype=torch.int8)
+        s = torch.rand(rows, 1) * 0.01
+        shards.append({"weight": q, "weight_scale": s})
+        dense.append(q.float() * s)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    quant = {"quant_method": "compressed-tensors", "format": "int-quantized",
+             "config_groups": {"g": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+    layer = build(quant, shards)
+    assert layer.cpu_int8 is not None
+    check(layer, dense)

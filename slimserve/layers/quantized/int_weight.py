@@ -73,6 +73,12 @@ class IntWeightLinear(QuantLinearBase):
             zeros = torch.cat([s.zeros if s.zeros is not None else torch.full_like(s.scales, mid) for s in shards])
             zeros = zeros.to(self.dtype).contiguous()
         self.perm = perm
+        self.cpu_int8 = None
+        if self.device.type == "cpu" and bits == 8 and zeros is None and self.group_size >= k:
+            # PyTorch's CPU kernel for per-channel symmetric INT8 weights: int8 codes [N, K], scales [N].
+            codes = unpack_codes(torch.cat(packed), bits, k) - (1 << (bits - 1))
+            scales = torch.cat([s.scales for s in shards]).to(self.dtype).reshape(-1)
+            self.cpu_int8 = (codes.to(torch.int8).contiguous(), scales.contiguous())
         self.qweight = QuantWeight(
             qweight=torch.cat(packed).contiguous(),
             scales=torch.cat([s.scales for s in shards]).to(self.dtype).contiguous(),
@@ -87,6 +93,8 @@ class IntWeightLinear(QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
+        if self.cpu_int8 is not None and not x.is_cuda:
+            return self.add_bias(torch._weight_int8pack_mm(x, *self.cpu_int8))
         return self.add_bias(quant_gemm(x, self.qweight))
 
 
