@@ -118,8 +118,8 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
-def free(*objects) -> None:
-    del objects
+def free() -> None:
+    """Return a finished engine's memory to the device (the caller drops its reference first)."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -312,8 +312,8 @@ def kv_cache_comparison(workdir: str, t0: float) -> dict:
         r.update(long_context_decode(llm, vocab, 32768, 128))
         result[kv] = r
         print(f"[{time.perf_counter() - t0:.0f}s] kv {kv}: {r}", flush=True)
-        free(llm)
-        llm = None
+        del llm
+        free()
     result["tokens_ratio"] = result["fp8"]["kv_cache_tokens"] / result["auto"]["kv_cache_tokens"]
     result["decode_32k_speedup"] = result["fp8"]["decode_tok_s"] / result["auto"]["decode_tok_s"]
     return result
@@ -370,8 +370,8 @@ def main() -> None:
                 r["throughput"] = throughput(llm, vocab, args.num_requests)
             print(f"[{time.perf_counter() - t0:.0f}s] {shape} {scheme}: {json.dumps(r)}", flush=True)
             save()
-            free(llm)
-            llm = None
+            del llm
+            free()
         base = per_scheme["bf16"]
         for r in per_scheme.values():
             r["batch1"]["speedup_vs_bf16"] = r["batch1"]["decode_tok_s"] / base["batch1"]["decode_tok_s"]
