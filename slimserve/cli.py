@@ -84,6 +84,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run 2:4 checkpoints on sparse tensor cores (default: dense GEMMs)",
     )
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3", "int8"],
+        default="auto",
+        help="KV-cache storage: auto (the model's dtype), fp8 or int8 (with the checkpoint's per-head scales)",
+    )
+    group.add_argument(
+        "--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights (speed runs)"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +111,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         sparse_kernels=args.sparse_kernels,
         seed=args.seed,
         speculative_config=args.speculative_config,
+        kv_cache_dtype=args.kv_cache_dtype,
+        load_format=args.load_format,
     )
 
 

@@ -22,6 +22,8 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
@@ -200,6 +202,11 @@ class EngineConfig:
     # Run the linear layers of checkpoints marked 2:4 sparse on sparse tensor cores (CUDA, fp16/bf16). Off by
     # default: measured slower than dense GEMMs on the H100 with PyTorch 2.11 (benchmarks/README.md).
     sparse_kernels: bool = False
+    # KV-cache storage, as vLLM names it: auto (the model's dtype), fp8 (E4M3) or int8, with the checkpoint's
+    # calibrated per-head scales (FP8 without them uses scale 1.0).
+    kv_cache_dtype: str = "auto"
+    # "auto" reads the checkpoint's weights; "dummy" fills them randomly (speed runs of a config.json alone).
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -210,6 +217,12 @@ class EngineConfig:
             raise SlimserveError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_decode_steps is not None and self.num_decode_steps < 1:
             raise SlimserveError(f"num_decode_steps must be positive, got {self.num_decode_steps}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise SlimserveError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}"
+            )
+        if self.load_format not in ("auto", "dummy"):
+            raise SlimserveError(f"load_format must be auto or dummy, not {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise SlimserveError(f"max_model_len must be positive, got {self.max_model_len}")
         from slimserve.engine.speculative.config import SpeculativeConfig

@@ -30,14 +30,22 @@ def safetensors_files(folder: str) -> list[str]:
     return paths
 
 
+def _casts(name: str, tensor: torch.Tensor) -> bool:
+    """Weights take the model's dtype; FP8 values and quantization scales stay as stored (the quantized
+    layers decide their precision)."""
+    if not tensor.is_floating_point() or tensor.element_size() == 1:
+        return False
+    return not name.endswith(("_scale", "_scale_inv", ".scales"))
+
+
 def iter_safetensors(folder: str, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, read straight onto `device` (no host copy of the model on CUDA)
-    and cast to `dtype` if floating point."""
+    and cast to `dtype` if it is a full-precision weight."""
     for path in safetensors_files(folder):
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
-                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    yield name, tensor.to(dtype) if _casts(name, tensor) else tensor
         except SafetensorError as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e

@@ -75,7 +75,9 @@ def default_device() -> torch.device:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_path = resolve_model(config.model)
+        # Random weights need only config.json (and a tokenizer); everything else is a model to resolve.
+        dummy = config.load_format == "dummy" and os.path.isfile(os.path.join(config.model, "config.json"))
+        self.model_path = config.model if dummy else resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(self.model_path)
         if config.max_model_len and config.max_model_len > self.model_config.max_context_len:
             raise SlimserveError(

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from slimserve.checkpoint.hf_folder import iter_safetensors
-from slimserve.config import EngineConfig, ModelConfig
+from slimserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
+from slimserve.errors import SlimserveError
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
 from slimserve.layers.sparse import sparse_structure, use_sparse_24
+from slimserve.models.dummy import load_dummy_weights
 from slimserve.models.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -91,11 +93,19 @@ class ModelRunner:
             self.model = model_class(model_config)(model_config, self.parallel)
         # KV heads this rank keeps (a slice of them under tensor parallelism).
         self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads
-        self.model.load_weights(iter_safetensors(model_path, device, dtype))
+        if config.load_format == "dummy":
+            load_dummy_weights(self.model, config.seed)
+        else:
+            self.model.load_weights(iter_safetensors(model_path, device, dtype))
         self.model.eval()
         self.sparse_layers: list[str] = []
         if config.sparse_kernels and sparse_structure(model_config.raw) == "2:4":
             self.sparse_layers = use_sparse_24(self.model)
+        self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or dtype
+        if self.kv_dtype == torch.int8 and not all(a.has_kv_scales for a in self.model.attention_layers()):
+            raise SlimserveError("kv_cache_dtype int8 needs calibrated k_scale/v_scale in the checkpoint")
+        for attn in self.model.attention_layers():
+            attn.k_scale, attn.v_scale = attn.k_scale.to(device), attn.v_scale.to(device)
         self.sampler = Sampler(config.seed, device)
         self.max_model_len = config.max_model_len or model_config.max_context_len
         self.num_blocks = self._plan_kv_cache()
@@ -110,7 +120,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
-        per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size
 
     def _plan_kv_cache(self) -> int:
@@ -162,7 +172,7 @@ class ModelRunner:
         cfg = self.model_config
         num_blocks = num_blocks or self.num_blocks
         shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 

@@ -54,6 +54,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr,
+        KV_QUANT: tl.constexpr,
     ):
         """Online-softmax accumulation of keys lo..hi (multiples of BLOCK_N apart) into acc, l_i, m_i.
 
@@ -71,6 +72,8 @@ if HAS_TRITON:
             kv_off = block * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head_off
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_QUANT:
+                k = k.to(q.dtype)  # exact: FP8 and INT8 values are bf16/fp16 values; the scale is in qk_scale
             qk = _dot(q, tl.trans(k), UPCAST) * qk_scale
             if MASKED:
                 visible = n_mask[None, :]
@@ -83,6 +86,8 @@ if HAS_TRITON:
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_QUANT:
+                v = v.to(q.dtype)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
             m_i = m_new
         return acc, l_i, m_i
@@ -96,6 +101,8 @@ if HAS_TRITON:
         cu_q_ptr,
         seq_lens_ptr,
         tables_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         qk_scale,
         stride_qt,
         stride_qh,
@@ -112,6 +119,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr,
+        KV_QUANT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         seq = tl.program_id(1)
@@ -135,17 +143,21 @@ if HAS_TRITON:
 
         table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
         kv_head_off = (head // GROUP) * stride_ch
+        v_scale = 1.0
+        if KV_QUANT:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + head // GROUP)
+            v_scale = tl.load(v_scale_ptr + head // GROUP)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
                                 stride_cb, stride_cs, 0, full, seq_len, qk_scale, False, True,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST, KV_QUANT)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
                                 stride_cb, stride_cs, full, hi, seq_len, qk_scale, True, True,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST, KV_QUANT)  # fmt: skip
         # Padding sequences (seq_len 0) saw no key: l = 0, acc = 0, and they write zeros.
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale
         dst = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -160,6 +172,8 @@ if HAS_TRITON:
         cu_q_ptr,
         seq_lens_ptr,
         tables_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         qk_scale,
         stride_qt,
         stride_qh,
@@ -178,6 +192,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         SPLIT: tl.constexpr,
         UPCAST: tl.constexpr,
+        KV_QUANT: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -201,17 +216,21 @@ if HAS_TRITON:
 
         table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
         kv_head_off = kv_head * stride_ch
+        v_scale = 1.0
+        if KV_QUANT:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+            v_scale = tl.load(v_scale_ptr + kv_head)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, offs_g, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
                                 stride_cb, stride_cs, lo, full, seq_len, qk_scale, False, False,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST, KV_QUANT)  # fmt: skip
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, offs_g, k_cache_ptr, v_cache_ptr, table_ptr, kv_head_off,
                                 stride_cb, stride_cs, full, hi, seq_len, qk_scale, True, False,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST)  # fmt: skip
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, UPCAST, KV_QUANT)  # fmt: skip
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
+        out = acc / l_safe[:, None] * v_scale
         if not SPLIT:
             dst = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -289,11 +308,17 @@ def paged_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_attention_ref, plus max_seqlen_q (host int, >= every sequence's q_len): it sizes
     the prefill grid, and 1 selects the decode path. block_m, block_n and num_splits override the tile
     sizes and the decode split count (tests and tuning). Output rows past cu_seqlens_q[-1] are left unset."""
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
+    assert kv_quant or q.dtype == k_cache.dtype == v_cache.dtype, "q and a float KV cache must share a dtype"
+    assert not kv_quant or (k_scale is not None and v_scale is not None), "a quantized KV cache needs its scales"
+    if not kv_quant:
+        k_scale = v_scale = seq_lens  # not read
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     num_seqs = seq_lens.shape[0]
     num_heads = q.shape[1]
@@ -304,7 +329,7 @@ def paged_attention_triton(
     if num_seqs == 0:  # no programs to launch (and no split count to compute)
         return out
     qk_scale = scale * _LOG2E
-    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=_INTERPRETED)
+    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=_INTERPRETED, KV_QUANT=kv_quant)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
     if max_seqlen_q > 1:
@@ -314,7 +339,7 @@ def paged_attention_triton(
         block_n = block_n or 64
         grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
         _prefill_kernel[grid](
-            q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, qk_scale,
+            q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale, qk_scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, **common,
             num_warps=4, num_stages=2,
@@ -332,7 +357,8 @@ def paged_attention_triton(
     else:
         part_o = part_lse = out  # not touched without SPLIT
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, qk_scale,
+        q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
+        qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, SPLIT=num_splits > 1, **common,
         num_warps=4, num_stages=3,
@@ -356,10 +382,14 @@ def paged_attention(
     scale: float,
     *,
     max_seqlen_q: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention_ref's contract. max_seqlen_q (host int) sizes the Triton grid; without it every query
-    row is assumed to be possibly one sequence's, which is correct but slower."""
+        row is assumed to be possibly one sequence's, which is correct but slower. An FP8/INT8 cache is read through
+    its per-KV-head k_scale / v_scale."""
     if use_triton(q):
         bound = q.shape[0] if max_seqlen_q is None else max_seqlen_q
-        return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, bound)
-    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+        return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, bound,
+                                      k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, k_scale, v_scale)

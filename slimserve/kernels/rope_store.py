@@ -5,11 +5,25 @@ and k, v into the paged KV cache. In a decode step this replaces six small launc
 import torch
 
 from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+from slimserve.kernels.fp8_quant import INTERPRETED
 from slimserve.kernels.rope_store_ref import rope_and_store_ref
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from slimserve.kernels.fp8_quant import round_e4m3
+
+    @triton.jit
+    def _to_cache(x, scale, KV_QUANT: tl.constexpr, ON_GRID: tl.constexpr):
+        """A value as the cache stores it: FP8 (KV_QUANT 1) or INT8 (2) of x / scale, or x itself."""
+        if KV_QUANT == 1:
+            return round_e4m3(tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0), ON_GRID)
+        if KV_QUANT == 2:
+            r = x.to(tl.float32) / scale
+            r = tl.where(r >= 0, tl.floor(r + 0.5), tl.ceil(r - 0.5))  # round half away from zero
+            return tl.minimum(tl.maximum(r, -128.0), 127.0)
+        return x
 
     @triton.jit
     def _rope_store_kernel(
@@ -22,6 +36,8 @@ if HAS_TRITON:
         k_cache_ptr,
         v_cache_ptr,
         slot_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         stride_qkv_t,
         stride_q_out_t,
         stride_cos_sin,
@@ -31,6 +47,8 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        KV_QUANT: tl.constexpr,
+        ON_GRID: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -69,12 +87,20 @@ if HAS_TRITON:
                 tl.store(dst + HALF + offs, o2, mask=mask)
             else:
                 dst = k_cache_ptr + kv_row + (h - NUM_HEADS) * (2 * HALF)
-                tl.store(dst + offs, o1, mask=cache_mask)
-                tl.store(dst + HALF + offs, o2, mask=cache_mask)
+                ks = 1.0
+                if KV_QUANT != 0:
+                    ks = tl.load(k_scale_ptr + h - NUM_HEADS)
+                cache_ty = k_cache_ptr.dtype.element_ty
+                tl.store(dst + offs, _to_cache(o1, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                tl.store(dst + HALF + offs, _to_cache(o2, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
         else:
             dst = v_cache_ptr + kv_row + (h - NUM_HEADS - NUM_KV_HEADS) * (2 * HALF)
-            tl.store(dst + offs, x1, mask=cache_mask)
-            tl.store(dst + HALF + offs, x2, mask=cache_mask)
+            vs = 1.0
+            if KV_QUANT != 0:
+                vs = tl.load(v_scale_ptr + h - NUM_HEADS - NUM_KV_HEADS)
+            cache_ty = v_cache_ptr.dtype.element_ty
+            tl.store(dst + offs, _to_cache(x1, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+            tl.store(dst + HALF + offs, _to_cache(x2, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
 
 
 def rope_and_store_triton(
@@ -89,10 +115,15 @@ def rope_and_store_triton(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     head_dim = k_cache.shape[-1]
     assert qkv.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert qkv.dtype == k_cache.dtype == v_cache.dtype, "qkv and the KV cache must share a dtype"
+    kv_quant = {torch.float8_e4m3fn: 1, torch.int8: 2}.get(k_cache.dtype, 0)
+    assert kv_quant or qkv.dtype == k_cache.dtype == v_cache.dtype, "qkv and a float KV cache must share a dtype"
+    assert not kv_quant or (k_scale is not None and v_scale is not None), "a quantized KV cache needs its scales"
     num_tokens = qkv.shape[0]
     q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
@@ -109,6 +140,8 @@ def rope_and_store_triton(
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale if kv_quant else slot_mapping,
+        v_scale if kv_quant else slot_mapping,
         qkv.stride(0),
         q_out.stride(0),
         cos_sin_cache.stride(0),
@@ -118,6 +151,8 @@ def rope_and_store_triton(
         HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half),
         HAS_NORM=has_norm,
+        KV_QUANT=kv_quant,
+        ON_GRID=INTERPRETED,
         num_warps=1,
     )
     return q_out
@@ -135,6 +170,9 @@ def rope_and_store(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rope_and_store_ref's contract."""
     fn = rope_and_store_triton if use_triton(qkv) else rope_and_store_ref
@@ -150,4 +188,6 @@ def rope_and_store(
         q_norm_weight,
         k_norm_weight,
         eps,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )

@@ -20,9 +20,13 @@ def rope_and_store_ref(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv [N, (num_heads + 2 * num_kv_heads) * head_dim] -> rotated queries [N, num_heads, head_dim];
-    the rotated keys and the values go to the cache at slot_mapping (-1: skip)."""
+    the rotated keys and the values go to the cache at slot_mapping (-1: skip), quantized with the per-head
+    k_scale / v_scale when the cache is FP8 or INT8."""
     head_dim = k_cache.shape[-1]
     heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
     q, k, v = heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
@@ -30,5 +34,5 @@ def rope_and_store_ref(
         q = rms_norm_ref(q, q_norm_weight, eps)
         k = rms_norm_ref(k, k_norm_weight, eps)
     q, k = apply_rotary_ref(q, k, positions, cos_sin_cache)
-    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimserve.errors import CheckpointError
 from slimserve.kernels.attention import paged_attention
 
 
@@ -36,6 +37,19 @@ class PagedAttention(nn.Module):
         # Views into the engine's KV-cache tensors, bound by the runner once the cache is allocated.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # Per-KV-head scales of an FP8/INT8 cache (stored = value / scale), from the checkpoint's kv_cache_scheme;
+        # 1.0 otherwise (and unused by a cache in the model's dtype).
+        self.k_scale = torch.ones(num_kv_heads, dtype=torch.float32)
+        self.v_scale = torch.ones(num_kv_heads, dtype=torch.float32)
+        self.has_kv_scales = False
+
+    def load_kv_scale(self, name: str, which: str, tensor: torch.Tensor) -> None:
+        """A calibrated k_scale / v_scale: one per KV head or one for all of them."""
+        flat = tensor.float().reshape(-1)
+        if flat.numel() not in (1, self.num_kv_heads):
+            raise CheckpointError(f"{name}: {flat.numel()} scales for {self.num_kv_heads} KV heads")
+        getattr(self, which).copy_(flat.expand(self.num_kv_heads))
+        self.has_kv_scales = True
 
     def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(
@@ -47,4 +61,6 @@ class PagedAttention(nn.Module):
             meta.block_tables,
             self.scale,
             max_seqlen_q=meta.max_seqlen_q,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )

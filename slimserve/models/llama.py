@@ -18,6 +18,7 @@ from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
 from slimserve.layers.norm import RMSNorm
+from slimserve.layers.quantized import QuantizationConfig, QuantLinearBase, make_quantized_linear
 from slimserve.layers.rotary import RotaryEmbedding
 
 # Hugging Face projection name -> (our fused module, shard index).
@@ -30,8 +31,30 @@ _FUSED = {
 }
 
 
+def _quantized(
+    quant: QuantizationConfig | None,
+    parallel: ParallelState,
+    names: list[str],
+    in_features: int,
+    shard_sizes: list[int],
+    bias: bool = False,
+) -> QuantLinearBase | None:
+    """The quantized layer for these Hugging Face projections, None where the checkpoint keeps them dense."""
+    layer = make_quantized_linear(quant, names, in_features, shard_sizes, bias)
+    if layer is not None and parallel.is_parallel:
+        raise CheckpointError("quantized checkpoints run in one process (tensor_parallel_size 1)")
+    return layer
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelState,
+        rotary: RotaryEmbedding,
+        quant: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
         # This rank's heads: all of them in a single process, a slice under tensor parallelism.
         heads = AttentionHeads.partition(cfg.num_attention_heads, cfg.num_key_value_heads, parallel)
@@ -40,14 +63,19 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_attention_heads * self.head_dim, cfg.num_key_value_heads * self.head_dim
         self.q_size = self.num_heads * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(
+        qkv_names = [f"{prefix}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        self.qkv_proj = _quantized(
+            quant, parallel, qkv_names, cfg.hidden_size, [q_size, kv_size, kv_size], cfg.attention_bias
+        ) or ColumnParallelLinear(
             cfg.hidden_size,
             [q_size, kv_size, kv_size],
             parallel,
             bias=cfg.attention_bias,
             shard_ranges=heads.qkv_ranges(self.head_dim),
         )
-        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, parallel)
+        self.o_proj = _quantized(quant, parallel, [f"{prefix}.o_proj"], q_size, [cfg.hidden_size]) or RowParallelLinear(
+            q_size, cfg.hidden_size, parallel
+        )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -70,26 +98,48 @@ class LlamaAttention(nn.Module):
             self.q_norm.weight if self.qk_norm else None,
             self.k_norm.weight if self.qk_norm else None,
             self.rms_norm_eps,
+            k_scale=self.attn.k_scale,
+            v_scale=self.attn.v_scale,
         )
         out = self.attn(q, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState, intermediate_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelState,
+        intermediate_size: int | None = None,
+        quant: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
-        intermediate_size = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [intermediate_size] * 2, parallel)
-        self.down_proj = RowParallelLinear(intermediate_size, cfg.hidden_size, parallel)
+        inter = intermediate_size or cfg.intermediate_size
+        names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = _quantized(quant, parallel, names, cfg.hidden_size, [inter] * 2) or ColumnParallelLinear(
+            cfg.hidden_size, [inter] * 2, parallel
+        )
+        self.down_proj = _quantized(
+            quant, parallel, [f"{prefix}.down_proj"], inter, [cfg.hidden_size]
+        ) or RowParallelLinear(inter, cfg.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelState,
+        rotary: RotaryEmbedding,
+        mlp: nn.Module,
+        quant: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, parallel, rotary)
+        self.self_attn = LlamaAttention(cfg, parallel, rotary, quant, f"{prefix}.self_attn")
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -119,8 +169,12 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
         )
+        # Quantized checkpoints choose each projection's layer class by its Hugging Face module name.
+        self.quant = QuantizationConfig.from_model_config(cfg.raw)
+        if self.quant is not None and type(self).make_mlp is not LlamaForCausalLM.make_mlp:
+            raise CheckpointError(f"quantized {cfg.architecture} checkpoints are not supported (dense families only)")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, self.parallel, rotary, self.make_mlp(cfg, self.parallel, i))
+            LlamaDecoderLayer(cfg, self.parallel, rotary, self._mlp(cfg, i), self.quant, f"model.layers.{i}")
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -137,6 +191,11 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def _mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
+        if self.quant is None:
+            return self.make_mlp(cfg, self.parallel, layer_index)
+        return LlamaMLP(cfg, self.parallel, quant=self.quant, prefix=f"model.layers.{layer_index}.mlp")
 
     @staticmethod
     def make_mlp(cfg: ModelConfig, parallel: ParallelState, layer_index: int) -> nn.Module:
@@ -166,6 +225,9 @@ class LlamaForCausalLM(nn.Module):
             expected -= {filled} if isinstance(filled, str) else set(filled or ())
         if expected:
             raise CheckpointError(f"checkpoint lacks {len(expected)} tensors, e.g. {sorted(expected)[0]}")
+        for module in self.modules():
+            if isinstance(module, QuantLinearBase):
+                module.finish_loading()
 
     def _load_one(self, name: str, tensor: torch.Tensor) -> str | list[str] | None:
         """Load one tensor; returns the key(s) of what it filled (None for tensors that are not needed)."""
@@ -189,6 +251,9 @@ class LlamaForCausalLM(nn.Module):
         if layer_index >= len(self.layers):
             raise CheckpointError(f"{name}: layer {layer_index} beyond num_hidden_layers={len(self.layers)}")
         prefix = f"layers.{layer_index}."
+        if parts[2:] in (["self_attn", "k_scale"], ["self_attn", "v_scale"]):
+            self.layers[layer_index].self_attn.attn.load_kv_scale(name, parts[3], tensor)
+            return None
         if parts[-2] in _FUSED:
             fused, shard = _FUSED[parts[-2]]
             path = ".".join([*parts[2:-2], fused])
@@ -204,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
             module = self.layers[layer_index].get_submodule(module_path)
         except (AttributeError, ValueError):
             raise CheckpointError(f"{name}: unexpected tensor for {self.config.architecture}") from None
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, QuantLinearBase)):
             module.load_shard(name, param_name, tensor)
             return f"{prefix}{local}#0"
         param = getattr(module, param_name, None)

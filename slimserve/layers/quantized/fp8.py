@@ -1,0 +1,74 @@
+"""FP8 E4M3 weights with one scale per tensor or per output channel (compressed-tensors float-quantized,
+and `quant_method: fp8` checkpoints without blocks). With FP8 activations (dynamic per token, or one static
+calibrated scale) the GEMM runs on the FP8 tensor cores through torch._scaled_mm, row-wise scaled, after one
+fused quantization pass over the activations; without, the weights are dequantized inside the A16 kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.errors import CheckpointError
+from slimserve.kernels.fp8_quant import quantize_fp8
+from slimserve.kernels.quant_gemm import quant_gemm
+from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
+from slimserve.layers.quantized.base import Parts, QuantLinearBase
+
+
+def random_fp8(rows: int, cols: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.randn(rows, cols, generator=generator, device=device) * 64).to(torch.float8_e4m3fn)
+
+
+class Fp8Linear(QuantLinearBase):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        act = self.scheme.act
+        if act is not None and (act.type != "float" or act.group_size is not None):
+            raise CheckpointError("FP8 weights with per-tensor/channel scales need FP8 per-token or static activations")
+
+    @property
+    def static_input(self) -> bool:
+        return self.scheme.act is not None and not self.scheme.act.dynamic
+
+    def required(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale") + (("input_scale",) if self.static_input else ())
+
+    def build(self, parts: Parts) -> None:
+        weights, scales = [], []
+        for part, rows in zip(parts, self.shard_sizes):
+            w = self.check_shape("weight", part["weight"], (rows, self.in_features))
+            if w.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(f"FP8 weight stored as {w.dtype}, expected float8_e4m3fn")
+            s = part["weight_scale"].float().reshape(-1)
+            if s.numel() not in (1, rows):
+                raise CheckpointError(f"weight_scale has {s.numel()} values for {rows} rows")
+            weights.append(w)
+            scales.append(s.expand(rows))  # a per-tensor scale becomes the same scale on every row
+        self.weight = torch.cat(weights).contiguous()
+        self.weight_scale = torch.cat(scales).contiguous()
+        # One static input scale for the fused layer: the largest, as each shard's clips nothing under it.
+        self.input_scale = (
+            torch.stack([p["input_scale"].float().reshape(()) for p in parts]).amax().reshape(1)
+            if self.static_input
+            else None
+        )
+        self.qweight = QuantWeight(self.weight, self.weight_scale[:, None], None, 8, self.in_features,
+                                   self.in_features, self.out_features)  # fmt: skip
+        self.scale_b = self.weight_scale[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.act is None:
+            return self.add_bias(quant_gemm(x, self.qweight))
+        xq, xs = quantize_fp8(x, static_scale=self.input_scale)
+        if x.is_cuda:
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.scale_b, out_dtype=torch.bfloat16)
+            return self.add_bias(y.to(x.dtype))
+        return self.add_bias(quant_gemm_ref(xq, self.qweight, xs, out_dtype=x.dtype))
+
+    def dummy_shard(self, rows: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        part = {
+            "weight": random_fp8(rows, self.in_features, generator, self.device),
+            "weight_scale": torch.rand(rows, 1, generator=generator, device=self.device) * 1e-4 + 1e-4,
+        }
+        if self.static_input:
+            part["input_scale"] = torch.full((1,), 0.05, device=self.device)
+        return part

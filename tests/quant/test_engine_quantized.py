@@ -1,0 +1,119 @@
+"""Checkpoints written by slimserve's compressor run in the engine with the logits that `transformers` computes
+through the compressed-tensors package (CPU, fp32): greedy tokens equal, log-probabilities within rounding."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimserve import LLM, SamplingParams
+from slimserve.compress import Calibration, preset, quantize_, save_compressed
+from slimserve.compress.configs import KVCacheConfig
+from slimserve.compress.loading import load_causal_lm
+from slimserve.compress.quant import kv as kv_quant
+from slimserve.errors import SlimserveError
+from slimserve.layers.quantized import QuantLinearBase
+from tests.compress.conftest import byte_tokenizer, samples, tiny_model
+
+MAX_NEW = 8
+PROMPTS = [samples(1, n, seed=s)[0][0].tolist() for n, s in ((20, 5), (7, 6), (33, 8))]
+
+
+def compressed_folder(tmp_path, family: str, scheme: str, **options) -> str:
+    model = tiny_model(family)
+    model.config.architectures = [type(model).__name__]
+    config = preset(scheme, **options)
+    calib = Calibration(samples(), "test") if config.needs_calibration else None
+    quantize_(model, config, calib, progress=False)
+    return str(save_compressed(model, config, tmp_path / scheme, tokenizer=byte_tokenizer()))
+
+
+def transformers_greedy(folder: str) -> list[tuple[list[int], list[float]]]:
+    model, _ = load_causal_lm(folder)
+    results = []
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        results.append((tokens, [s[0].log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens)]))
+    return results
+
+
+def engine_greedy(folder: str, **kwargs) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
+    llm = LLM(folder, dtype="float32", device="cpu", **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
+    outs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    return llm, [(o.token_ids, [e[t] for e, t in zip(o.logprobs, o.token_ids)]) for o in outs]
+
+
+# Schemes that round activations at run time (W4A8, W8A8) amplify the 1e-7 fp32 differences between two
+# correct implementations (another summation order in a norm) whenever a value sits on a rounding boundary:
+# that element moves by one grid step, and the log-probabilities by ~1e-2.
+CASES = [
+    ("llama", "W4A16", {}, 1e-4),
+    ("qwen2", "W4A16_ASYM", {"group_size": 64}, 1e-4),
+    ("llama", "W8A16", {}, 1e-4),
+    ("qwen2", "FP8", {}, 1e-4),
+    ("llama", "FP8_STATIC", {}, 1e-4),
+    ("llama", "FP8_BLOCK", {}, 1e-4),
+    ("qwen2", "W4A8", {}, 0.05),
+    ("llama", "W8A8", {}, 0.1),
+]
+
+
+@pytest.mark.parametrize("family,scheme,options,atol", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
+def test_engine_matches_transformers(tmp_path, family, scheme, options, atol):
+    folder = compressed_folder(tmp_path, family, scheme, **options)
+    llm, ours = engine_greedy(folder)
+    assert any(isinstance(m, QuantLinearBase) for m in llm.engine.runner.model.modules())
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(ours, transformers_greedy(folder)):
+        assert tokens == want_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)
+
+
+def transformers_first_logprobs(folder: str, kv: KVCacheConfig) -> list[torch.Tensor]:
+    """transformers with its keys and values rounded as they enter the cache, with the checkpoint's scales
+    (the compressor's calibration hook), so its attention reads what a quantized cache holds."""
+    model, _ = load_causal_lm(folder)
+    tensors = load_file(f"{folder}/model.safetensors")
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        attn.register_buffer("k_scale", tensors[f"model.layers.{i}.self_attn.k_scale"])
+        attn.register_buffer("v_scale", tensors[f"model.layers.{i}.self_attn.v_scale"])
+        kv_quant.attach(attn, kv.args())
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0, -1].log_softmax(-1) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kv_type,kv_dtype", [("int", "int8"), ("float", "fp8")])
+def test_quantized_kv_cache_with_calibrated_scales(tmp_path, kv_type, kv_dtype):
+    kv = KVCacheConfig(kv_type)
+    folder = compressed_folder(tmp_path, "llama", "W8A16", kv_cache=kv)
+    full_llm, _ = engine_greedy(folder)
+    llm, quantized = engine_greedy(folder, kv_cache_dtype=kv_dtype)
+    attn = llm.engine.runner.model.attention_layers()[0]
+    assert attn.k_cache.dtype == (torch.int8 if kv_dtype == "int8" else torch.float8_e4m3fn)
+    assert attn.has_kv_scales and not torch.equal(attn.k_scale, torch.ones_like(attn.k_scale))
+    assert llm.engine.runner.kv_bytes_per_block * 4 == full_llm.engine.runner.kv_bytes_per_block  # fp32 -> 1 byte
+    # The first token attends only over the prompt's rounded keys and values (rounding flips: see CASES).
+    for (tokens, logprobs), want in zip(quantized, transformers_first_logprobs(folder, kv)):
+        assert tokens[0] == want.argmax().item()
+        assert abs(logprobs[0] - want[tokens[0]].item()) < 0.02
+
+
+def test_int8_kv_cache_needs_scales(tmp_path):
+    folder = compressed_folder(tmp_path, "llama", "W4A16")
+    with pytest.raises(SlimserveError, match="k_scale"):
+        LLM(folder, dtype="float32", device="cpu", kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("scheme", ["W4A8"])
+def test_dummy_weights_from_config_alone(tmp_path, scheme):
+    """load_format="dummy" (speed runs): config.json and a tokenizer, no weights; each layer draws random
+    tensors in its checkpoint layout."""
+    folder = compressed_folder(tmp_path, "llama", scheme)
+    for f in tmp_path.glob(f"{scheme}/*.safetensors"):
+        f.unlink()
+    llm = LLM(folder, dtype="float32", device="cpu", load_format="dummy", kv_cache_dtype="fp8")
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
