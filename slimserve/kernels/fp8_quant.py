@@ -17,6 +17,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    # Compiled kernels may read only constexpr globals (the interpreter reads any).
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+
     @triton.jit
     def round_e4m3(v, ON_GRID: tl.constexpr):
         """v (fp32, within +-448) ready for the cast to E4M3. Triton's CPU interpreter truncates when rounding
@@ -51,8 +55,8 @@ if HAS_TRITON:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
         else:
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
-        q = round_e4m3(tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX), ON_GRID)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / _FP8_MAX, _MIN_SCALE)
+        q = round_e4m3(tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX), ON_GRID)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row * num_groups + g, scale)
 

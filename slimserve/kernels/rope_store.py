@@ -15,15 +15,15 @@ if HAS_TRITON:
     from slimserve.kernels.fp8_quant import round_e4m3
 
     @triton.jit
-    def _to_cache(x, scale, KV_QUANT: tl.constexpr, ON_GRID: tl.constexpr):
-        """A value as the cache stores it: FP8 (KV_QUANT 1) or INT8 (2) of x / scale, or x itself."""
+    def _quantize_for_cache(x, scale, KV_QUANT: tl.constexpr, ON_GRID: tl.constexpr):
+        """x / scale as a quantized cache stores it: FP8 (KV_QUANT 1) or INT8 (2) values, in fp32."""
+        r = x.to(tl.float32) / scale
         if KV_QUANT == 1:
-            return round_e4m3(tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0), ON_GRID)
-        if KV_QUANT == 2:
-            r = x.to(tl.float32) / scale
+            r = round_e4m3(tl.minimum(tl.maximum(r, -448.0), 448.0), ON_GRID)
+        else:
             r = tl.where(r >= 0, tl.floor(r + 0.5), tl.ceil(r - 0.5))  # round half away from zero
-            return tl.minimum(tl.maximum(r, -128.0), 127.0)
-        return x
+            r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        return r
 
     @triton.jit
     def _rope_store_kernel(
@@ -87,20 +87,29 @@ if HAS_TRITON:
                 tl.store(dst + HALF + offs, o2, mask=mask)
             else:
                 dst = k_cache_ptr + kv_row + (h - NUM_HEADS) * (2 * HALF)
-                ks = 1.0
+                cache_ty = k_cache_ptr.dtype.element_ty
+                # No variable changes type inside a runtime branch (the compiler refuses that).
                 if KV_QUANT != 0:
                     ks = tl.load(k_scale_ptr + h - NUM_HEADS)
-                cache_ty = k_cache_ptr.dtype.element_ty
-                tl.store(dst + offs, _to_cache(o1, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
-                tl.store(dst + HALF + offs, _to_cache(o2, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                    tl.store(dst + offs, _quantize_for_cache(o1, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                    tl.store(
+                        dst + HALF + offs, _quantize_for_cache(o2, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask
+                    )
+                else:
+                    tl.store(dst + offs, o1.to(cache_ty), mask=cache_mask)
+                    tl.store(dst + HALF + offs, o2.to(cache_ty), mask=cache_mask)
         else:
             dst = v_cache_ptr + kv_row + (h - NUM_HEADS - NUM_KV_HEADS) * (2 * HALF)
-            vs = 1.0
+            cache_ty = v_cache_ptr.dtype.element_ty
             if KV_QUANT != 0:
                 vs = tl.load(v_scale_ptr + h - NUM_HEADS - NUM_KV_HEADS)
-            cache_ty = v_cache_ptr.dtype.element_ty
-            tl.store(dst + offs, _to_cache(x1, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
-            tl.store(dst + HALF + offs, _to_cache(x2, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                tl.store(dst + offs, _quantize_for_cache(x1, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                tl.store(
+                    dst + HALF + offs, _quantize_for_cache(x2, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask
+                )
+            else:
+                tl.store(dst + offs, x1.to(cache_ty), mask=cache_mask)
+                tl.store(dst + HALF + offs, x2.to(cache_ty), mask=cache_mask)
 
 
 def rope_and_store_triton(
