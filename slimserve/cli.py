@@ -84,6 +84,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run 2:4 checkpoints on sparse tensor cores (default: dense GEMMs)",
     )
+    group.add_argument(
+        "--cpu-quantization", choices=["int8", "int4"], help="weight-only INT8/INT4 CPU kernels, quantized at load"
+    )
+    group.add_argument("--cpu-threads", type=int, help="threads for CPU inference (default: the usable cores)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +106,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         sparse_kernels=args.sparse_kernels,
         seed=args.seed,
         speculative_config=args.speculative_config,
+        cpu_quantization=args.cpu_quantization,
+        cpu_threads=args.cpu_threads,
     )
 
 

@@ -200,6 +200,10 @@ class EngineConfig:
     # Run the linear layers of checkpoints marked 2:4 sparse on sparse tensor cores (CUDA, fp16/bf16). Off by
     # default: measured slower than dense GEMMs on the H100 with PyTorch 2.11 (benchmarks/README.md).
     sparse_kernels: bool = False
+    # Weight-only quantization applied at load for CPU inference: "int8" or "int4" (None keeps the weights).
+    cpu_quantization: str | None = None
+    # Threads of CPU inference (None: the cores this process may use).
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -210,6 +214,12 @@ class EngineConfig:
             raise SlimserveError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_decode_steps is not None and self.num_decode_steps < 1:
             raise SlimserveError(f"num_decode_steps must be positive, got {self.num_decode_steps}")
+        if self.cpu_quantization not in (None, "int8", "int4"):
+            raise SlimserveError(f"cpu_quantization must be int8 or int4, got {self.cpu_quantization!r}")
+        if self.cpu_quantization is not None and self.tensor_parallel_size > 1:
+            raise SlimserveError("cpu_quantization runs in one process: use tensor_parallel_size 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise SlimserveError(f"cpu_threads must be positive, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise SlimserveError(f"max_model_len must be positive, got {self.max_model_len}")
         from slimserve.engine.speculative.config import SpeculativeConfig

@@ -14,8 +14,8 @@ from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.layer import LayerQuantizer
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.moe import uncalibrated_experts, unfuse_experts
-from slimserve.compress.rotation import rotate_model
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
+from slimserve.compress.rotation import rotate_model
 from slimserve.compress.structure import decoder_layers, target_linears
 
 

@@ -13,7 +13,9 @@ from slimserve.checkpoint.hf_folder import iter_safetensors
 from slimserve.config import EngineConfig, ModelConfig
 from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
+from slimserve.errors import SlimserveError
 from slimserve.layers.attention import AttentionMetadata
+from slimserve.layers.cpu_quant import quantize_for_cpu
 from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
 from slimserve.layers.sparse import sparse_structure, use_sparse_24
 from slimserve.models.registry import model_class
@@ -92,6 +94,10 @@ class ModelRunner:
         # KV heads this rank keeps (a slice of them under tensor parallelism).
         self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads
         self.model.load_weights(iter_safetensors(model_path, device, dtype))
+        if config.cpu_quantization is not None:
+            if device.type != "cpu":
+                raise SlimserveError("cpu_quantization needs the CPU device (--device cpu)")
+            quantize_for_cpu(self.model, config.cpu_quantization)
         self.model.eval()
         self.sparse_layers: list[str] = []
         if config.sparse_kernels and sparse_structure(model_config.raw) == "2:4":
