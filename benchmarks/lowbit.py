@@ -33,7 +33,8 @@ from slimserve.kernels.lowbit_gemv_ref import dequantize_packed, lowbit_gemv_ref
 
 HBM_BYTES_PER_S = 3.0e12
 DTYPE = torch.bfloat16
-TILES = [(32, None), (64, None), (16, None), (32, 1), (64, 1), (128, 1)]  # (BLOCK_N, SPLIT_K or auto)
+# (BLOCK_N, SPLIT_K or None for auto, warps)
+TILES = [(32, None, 4), (64, None, 4), (128, None, 4), (64, None, 8), (128, None, 8), (256, None, 8), (128, 4, 8)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class QLinear:
         self.scale = (torch.rand(n, k // s.group, device=device) * 0.01 + 0.001).to(DTYPE)
         half = 1 << (s.bits - 1)
         self.zero = (torch.rand(n, k // s.group, device=device) * 2 * half - half).to(DTYPE) if s.asym else None
-        self.tile = (32, None)
+        self.tile = TILES[0]
 
     def bytes(self) -> int:
         if self.s.bits is None:
@@ -80,9 +81,17 @@ class QLinear:
         if self.s.dequant_matmul:
             w = dequantize_packed(self.packed, self.scale, self.zero, self.s.bits, self.s.group, self.k)
             return F.linear(x, w.to(DTYPE))
-        block_n, split_k = self.tile
+        block_n, split_k, warps = self.tile
         return lowbit_gemv_triton(
-            x, self.packed, self.scale, self.zero, self.s.bits, self.s.group, block_n=block_n, split_k=split_k
+            x,
+            self.packed,
+            self.scale,
+            self.zero,
+            self.s.bits,
+            self.s.group,
+            block_n=block_n,
+            split_k=split_k,
+            num_warps=warps,
         )
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +177,7 @@ def per_linear(a, scheme: Scheme, device, cuda: bool, rows: list, checks: list) 
                 "MB": lin.bytes() / 1e6,
                 "GB/s": gbs,
                 "frac_hbm": gbs * 1e9 / HBM_BYTES_PER_S,
-                "tile": None if tile is None else {"block_n": tile[0], "split_k": tile[1] or "auto"},
+                "tile": None if tile is None else {"block_n": tile[0], "split_k": tile[1] or "auto", "warps": tile[2]},
             }
         )
         del lin
@@ -228,9 +237,9 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     bf16 = decode[0]["us_per_token"]
-    print("| scheme | linear | us | MB | GB/s | of HBM | tile |\n|---|---|---:|---:|---:|---:|---|")
+    print("| scheme | linear | us | MB | GB/s | of HBM | BLOCK_N/split-K/warps |\n|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        tile = "-" if r["tile"] is None else f"{r['tile']['block_n']}/{r['tile']['split_k']}"
+        tile = "-" if r["tile"] is None else "/".join(str(v) for v in r["tile"].values())
         print(
             f"| {r['scheme']} | {r['linear']} | {r['us']:.1f} | {r['MB']:.1f} | {r['GB/s']:.0f} | "
             f"{r['frac_hbm']:.0%} | {tile} |"

@@ -1,5 +1,5 @@
 """`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval, train-draft, prune,
-convert-gqa, distill."""
+convert-gqa, distill, export-gguf."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from slimserve.checkpoint.export_cli import add_export_gguf_parser
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
 from slimserve.compress.prune.cli import add_convert_gqa_parser, add_prune_parser
 from slimserve.diffusion.cli import add_diffuse_parser, add_distill_steps_parser
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(sub)
     add_convert_gqa_parser(sub)
     add_distill_parser(sub)
+    add_export_gguf_parser(sub)
     return parser
 
 

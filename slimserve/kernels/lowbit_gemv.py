@@ -3,9 +3,11 @@
 
 Weights are compressed-tensors' dense "pack-quantized" words: code j of row n sits at bits [j*bits, (j+1)*bits)
 of the row's int32 stream (a 3-bit code may straddle two words). Each program owns BLOCK_N output rows and one
-of SPLIT_K slices of the input; every tile of BLOCK_K columns lies inside one quantization group, so the tile's
-dot product is sum(q * x) - zero * sum(x), scaled once. The SPLIT_K partial sums go to a float32 buffer that
-one reduction adds up (deterministic, unlike atomics)."""
+of SPLIT_K slices of the input, read in tiles of BLOCK_K columns inside one quantization group: 2- and 4-bit
+tiles load whole contiguous words and shift every code out of them; 3-bit tiles load runs of 3 words (32
+codes) and pick each code's word (and the next, for the two codes that straddle a boundary) by its position.
+Products accumulate elementwise and are reduced once; the SPLIT_K partial sums go to a float32 buffer that one
+reduction adds up (deterministic, unlike atomics)."""
 
 import torch
 
@@ -15,6 +17,40 @@ from slimserve.kernels.lowbit_gemv_ref import lowbit_gemv_ref
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _unpack_tile(
+        w_ptr, rows64, row_ok, stride_wn, k0, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
+        """Codes [BLOCK_N, BLOCK_K] of columns k0.. (k0 a multiple of 32), as unsigned integers."""
+        if 32 % BITS == 0:
+            # Whole words: PER_WORD codes each, read as [BLOCK_N, BLOCK_K / PER_WORD] contiguous words.
+            PER_WORD: tl.constexpr = 32 // BITS
+            WORDS: tl.constexpr = BLOCK_K // PER_WORD
+            w = tl.arange(0, WORDS)
+            ptrs = w_ptr + rows64[:, None] * stride_wn + (k0 // PER_WORD + w)[None, :]
+            words = tl.load(ptrs, mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
+            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+            vals = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+            return tl.reshape(vals, (BLOCK_N, BLOCK_K))
+        else:
+            # 32 codes fill BITS words exactly; code j starts at bit BITS * j of its 32-code run.
+            RUNS: tl.constexpr = BLOCK_K // 32
+            run = tl.arange(0, RUNS)
+            j = tl.arange(0, 32)
+            bit = j * BITS
+            word, shift = bit // 32, (bit % 32).to(tl.uint32)
+            straddle = (bit % 32) + BITS > 32
+            base = w_ptr + rows64[:, None] * stride_wn + ((k0 // 32 + run) * BITS)[None, :]
+            lo = tl.zeros((BLOCK_N, RUNS, 32), dtype=tl.uint32)
+            hi = tl.zeros((BLOCK_N, RUNS, 32), dtype=tl.uint32)
+            for i in tl.static_range(BITS):
+                wi = tl.load(base + i, mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)[:, :, None]
+                lo = tl.where((word == i)[None, None, :], wi, lo)
+                hi = tl.where((word + 1 == i)[None, None, :], wi, hi)
+            hi_shift = tl.where(straddle, 32 - shift, 0).to(tl.uint32)
+            vals = (lo >> shift[None, None, :]) | tl.where(straddle[None, None, :], hi << hi_shift[None, None, :], 0)
+            return tl.reshape(vals & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _lowbit_gemv_kernel(
@@ -42,32 +78,21 @@ if HAS_TRITON:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Products accumulate elementwise; one reduction over K at the end.
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         k_start = pid_k * k_per_split
-        for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + m * stride_xm + cols, mask=col_ok, other=0.0).to(tl.float32)
-            bitpos = cols * BITS
-            word, shift = bitpos // 32, bitpos % 32
-            mask2 = row_ok[:, None] & col_ok[None, :]
-            ptrs = w_ptr + rows64[:, None] * stride_wn + word[None, :]
-            lo = tl.load(ptrs, mask=mask2, other=0).to(tl.uint32, bitcast=True)
-            val = lo >> shift[None, :].to(tl.uint32)
-            if 32 % BITS != 0:
-                # Codes that straddle a word boundary take their high bits from the next word.
-                straddle = (shift + BITS) > 32
-                hi = tl.load(ptrs + 1, mask=mask2 & straddle[None, :], other=0).to(tl.uint32, bitcast=True)
-                val = val | (hi << tl.where(straddle, 32 - shift, 0)[None, :].to(tl.uint32))
-            q = (val & ((1 << BITS) - 1)).to(tl.float32) - (1 << (BITS - 1))
-            part = tl.sum(q * x[None, :], axis=1)
+            x = tl.load(x_ptr + m * stride_xm + cols).to(tl.float32)
+            q = _unpack_tile(w_ptr, rows64, row_ok, stride_wn, k0, BITS, BLOCK_N, BLOCK_K).to(tl.float32)
+            q = q - (1 << (BITS - 1))
             g = k0 // GROUP
             scale = tl.load(s_ptr + rows64 * stride_sn + g, mask=row_ok, other=0.0).to(tl.float32)
             if HAS_ZERO:
                 zero = tl.load(z_ptr + rows64 * stride_zn + g, mask=row_ok, other=0.0).to(tl.float32)
-                part = part - zero * tl.sum(x, axis=0)
-            acc += part * scale
-        tl.store(out_ptr + pid_k * stride_os + m * stride_om + rows, acc, mask=row_ok)
+                q = q - zero[:, None]
+            acc += q * scale[:, None] * x[None, :]
+        tl.store(out_ptr + pid_k * stride_os + m * stride_om + rows, tl.sum(acc, axis=1), mask=row_ok)
 
 
 def _split_k(k: int, block_k: int, n_blocks: int, split_k: int | None) -> int:
@@ -90,13 +115,16 @@ def lowbit_gemv_triton(
     block_n: int = 32,
     block_k: int | None = None,
     split_k: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """x (..., K) times the (N, K) quantized weight: (..., N) in x's dtype. Meant for a few rows of x."""
     k = x.shape[-1]
     n = packed.shape[0]
     block_k = block_k or min(group_size, 128)
-    if group_size % block_k:
-        raise ValueError(f"BLOCK_K {block_k} must divide the group size {group_size}")
+    if group_size % block_k or block_k % 32 or k % group_size:
+        raise ValueError(
+            f"BLOCK_K {block_k} must be a multiple of 32 dividing the group size {group_size}, which divides K={k}"
+        )
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -127,7 +155,7 @@ def lowbit_gemv_triton(
         HAS_ZERO=zero is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=num_warps,
     )
     out = partial[0] if splits == 1 else partial.sum(0)
     if bias is not None:
