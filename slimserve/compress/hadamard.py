@@ -68,7 +68,7 @@ def hadamard(n: int) -> torch.Tensor | None:
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """Haar-random orthogonal matrix (QR of a Gaussian matrix with the signs of R's diagonal fixed)."""
     q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
 
 
 def random_hadamard(n: int, generator: torch.Generator) -> torch.Tensor:

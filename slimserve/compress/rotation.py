@@ -39,7 +39,9 @@ class RotationConfig:
         return {"kind": self.kind, "residual": self.residual, "heads": self.heads, "seed": self.seed}
 
     def matrix(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return random_hadamard(n, generator) if self.kind == "hadamard" else random_orthogonal(n, generator)
+        """Built in float64, applied in float32 (its rounding error, ~1e-7, is far below any quantizer's)."""
+        q = random_hadamard(n, generator) if self.kind == "hadamard" else random_orthogonal(n, generator)
+        return q.float()
 
 
 def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
@@ -56,20 +58,20 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
 
 
 def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    w = norm.weight.double()
+    w = norm.weight.float()
     for lin in linears:
-        lin.weight.data = (lin.weight.double() * w).to(lin.weight.dtype)
+        lin.weight.data = (lin.weight.float() * w).to(lin.weight.dtype)
     norm.weight.data = torch.ones_like(norm.weight)
 
 
 def _rotate_input(lin: nn.Linear, q: torch.Tensor) -> None:
-    lin.weight.data = (lin.weight.double() @ q).to(lin.weight.dtype)
+    lin.weight.data = (lin.weight.float() @ q).to(lin.weight.dtype)
 
 
 def _rotate_output(lin: nn.Module, q: torch.Tensor) -> None:
-    lin.weight.data = (q.t() @ lin.weight.double()).to(lin.weight.dtype)
+    lin.weight.data = (q.t() @ lin.weight.float()).to(lin.weight.dtype)
     if getattr(lin, "bias", None) is not None:
-        lin.bias.data = (q.t() @ lin.bias.double()).to(lin.bias.dtype)
+        lin.bias.data = (q.t() @ lin.bias.float()).to(lin.bias.dtype)
 
 
 def _untie(model: nn.Module) -> None:
@@ -84,7 +86,7 @@ def _untie(model: nn.Module) -> None:
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, config: RotationConfig) -> None:
-    """Fold the rotations into the model's weights in place (float64 arithmetic, weights keep their dtype)."""
+    """Fold the rotations into the model's weights in place (float32 arithmetic, weights keep their dtype)."""
     inner, layers = _check(model)
     gen = torch.Generator().manual_seed(config.seed)
     if config.residual:
@@ -93,7 +95,7 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> None:
         hidden = head.weight.shape[1]
         q = config.matrix(hidden, gen)
         emb = model.get_input_embeddings()
-        emb.weight.data = (emb.weight.double() @ q).to(emb.weight.dtype)
+        emb.weight.data = (emb.weight.float() @ q).to(emb.weight.dtype)
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             readers = [attn.q_proj, attn.k_proj, attn.v_proj]
