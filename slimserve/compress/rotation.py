@@ -50,6 +50,9 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     if inner is None or layers is None or model.get_output_embeddings() is None:
         raise QuantConfigError(f"{type(model).__name__}: rotations need a decoder with model.layers and an lm_head")
     for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise QuantConfigError(f"{type(model).__name__}: rotations support dense gated MLPs only (no experts)")
         norms = [type(m).__name__ for n, m in layer.named_children() if "norm" in n]
         if norms != [type(layer.input_layernorm).__name__] * 2 or "Gemma" in norms[0] or "RMSNorm" not in norms[0]:
             # Sandwich norms (Gemma) or LayerNorm (mean subtraction) do not commute with a rotation here.
