@@ -82,13 +82,13 @@ def gptq(
     diagonal = torch.diagonal(h)
     saved = diagonal.clone()
     try:
-        return _gptq(w, h, args, opts, dtype)
+        return _gptq(w, h, args, opts, dtype, observer)
     finally:
         diagonal.copy_(saved)
 
 
 def _gptq(
-    w: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype
+    w: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype, observer: str
 ) -> GPTQResult | None:
     W = w.to(torch.float32, copy=True)
     rows, cols = W.shape
