@@ -7,8 +7,8 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+kv-fp8|+kv-int8]; calibration is generic or self (default generic
-when the variant needs data).
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+kv-fp8|+kv-int8]; calibration is generic or self (default generic
+when the variant needs data); +rot folds randomized Hadamard rotations into the weights first.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from slimserve.compress import Calibration, preset, quantize_
 from slimserve.compress.configs import kv_cache_preset
 from slimserve.compress.corpus import generic_samples
 from slimserve.compress.loading import load_causal_lm
+from slimserve.compress.rotation import RotationConfig
 from slimserve.compress.selfgen import self_samples
 from slimserve.eval.metrics import compare, windows
 from slimserve.eval.size import module_bytes
@@ -60,15 +61,18 @@ REFERENCE_NOTE = (
 
 
 def parse_variant(text: str, group_size: int | None):
-    spec, _, kv = text.partition("+")
+    spec, *extras = text.split("+")
     parts = spec.split(":")
     scheme, method = parts[0], parts[1] if len(parts) > 1 else "rtn"
     calib = parts[2] if len(parts) > 2 else None
     overrides: dict = {"method": method}
     if scheme.upper().startswith(("W4", "W8A16")):
         overrides["group_size"] = group_size
-    if kv:
-        overrides["kv_cache"] = kv_cache_preset(kv.removeprefix("kv-"))
+    for extra in extras:
+        if extra == "rot":
+            overrides["rotation"] = RotationConfig()
+        else:
+            overrides["kv_cache"] = kv_cache_preset(extra.removeprefix("kv-"))
     config = preset(scheme, **overrides)
     if config.needs_calibration and calib is None:
         calib = "generic"

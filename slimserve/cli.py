@@ -1,5 +1,5 @@
 """`slimserve` command line: generate, chat, serve, bench, demo, convert, compress, eval, train-draft, prune,
-convert-gqa, distill."""
+convert-gqa, distill, export-gguf."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from slimserve.checkpoint.export_cli import add_export_gguf_parser
 from slimserve.compress.cli import add_compress_parser, add_eval_parser
 from slimserve.compress.prune.cli import add_convert_gqa_parser, add_prune_parser
 from slimserve.diffusion.cli import add_diffuse_parser, add_distill_steps_parser
@@ -93,6 +94,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights (speed runs)"
     )
+    group.add_argument(
+        "--cpu-quantization", choices=["int8", "int4"], help="weight-only INT8/INT4 CPU kernels, quantized at load"
+    )
+    group.add_argument("--cpu-threads", type=int, help="threads for CPU inference (default: the usable cores)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +118,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         speculative_config=args.speculative_config,
         kv_cache_dtype=args.kv_cache_dtype,
         load_format=args.load_format,
+        cpu_quantization=args.cpu_quantization,
+        cpu_threads=args.cpu_threads,
     )
 
 
@@ -311,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(sub)
     add_convert_gqa_parser(sub)
     add_distill_parser(sub)
+    add_export_gguf_parser(sub)
     return parser
 
 

@@ -207,6 +207,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # "auto" reads the checkpoint's weights; "dummy" fills them randomly (speed runs of a config.json alone).
     load_format: str = "auto"
+    # Weight-only quantization applied at load for CPU inference: "int8" or "int4" (None keeps the weights).
+    cpu_quantization: str | None = None
+    # Threads of CPU inference (None: the cores this process may use).
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -223,6 +227,12 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise SlimserveError(f"load_format must be auto or dummy, not {self.load_format!r}")
+        if self.cpu_quantization not in (None, "int8", "int4"):
+            raise SlimserveError(f"cpu_quantization must be int8 or int4, got {self.cpu_quantization!r}")
+        if self.cpu_quantization is not None and self.tensor_parallel_size > 1:
+            raise SlimserveError("cpu_quantization runs in one process: use tensor_parallel_size 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise SlimserveError(f"cpu_threads must be positive, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise SlimserveError(f"max_model_len must be positive, got {self.max_model_len}")
         from slimserve.engine.speculative.config import SpeculativeConfig

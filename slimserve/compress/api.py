@@ -15,6 +15,7 @@ from slimserve.compress.layer import LayerQuantizer
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.moe import uncalibrated_experts, unfuse_experts
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
+from slimserve.compress.rotation import rotate_model
 from slimserve.compress.structure import decoder_layers, target_linears
 
 
@@ -108,6 +109,8 @@ def quantize_(
     model.eval()
     for bank in banks:
         bank.calibrate_all = config.moe_calibrate_all_experts
+    if config.rotation is not None:
+        rotate_model(model, config.rotation)
     quantize_sequential(model, config, calibration.samples if report.calibration else None, device, report, progress)
     if outside:
         record = LayerRecord(index=-1, seconds=0.0, peak_memory_mb=0.0)

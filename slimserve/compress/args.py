@@ -21,12 +21,16 @@ class QuantArgs:
     group_size: int | None = None
     block_structure: tuple[int, int] | None = None
     dynamic: bool = False
+    # Ternary weights: 2-bit symmetric codes restricted to {-1, 0, 1} (stored and dequantized as 2-bit).
+    ternary: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in ("int", "float"):
             raise QuantConfigError(f"quantization type must be 'int' or 'float', not {self.type!r}")
-        if self.type == "int" and self.num_bits not in (4, 8):
-            raise QuantConfigError(f"integer quantization supports 4 or 8 bits, not {self.num_bits}")
+        if self.type == "int" and self.num_bits not in (2, 3, 4, 8):
+            raise QuantConfigError(f"integer quantization supports 2, 3, 4 or 8 bits, not {self.num_bits}")
+        if self.ternary and (self.num_bits != 2 or not self.symmetric or self.type != "int"):
+            raise QuantConfigError("ternary weights are 2-bit symmetric integers")
         if self.type == "float" and (self.num_bits != 8 or not self.symmetric):
             raise QuantConfigError("float quantization is FP8 E4M3: 8 bits, symmetric")
         if self.strategy not in STRATEGIES:
@@ -42,6 +46,8 @@ class QuantArgs:
 
     @property
     def qmin(self) -> float:
+        if self.ternary:
+            return -1.0
         return -FP8_MAX if self.type == "float" else float(-(2 ** (self.num_bits - 1)))
 
     @property

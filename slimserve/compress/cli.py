@@ -16,6 +16,7 @@ from slimserve.compress.corpus import generic_samples, token_windows
 from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.recipe import CalibrationSpec, Recipe, load_recipe
+from slimserve.compress.rotation import RotationConfig
 from slimserve.compress.selfgen import self_samples
 from slimserve.compress.writer import check_output, save_compressed
 from slimserve.config import parse_dtype
@@ -31,6 +32,14 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--method", choices=METHODS, help="weight algorithm (default rtn)")
     p.add_argument("--group-size", help="32, 64, 128, or 'channel' for one scale per output channel")
     p.add_argument("--kv-cache", choices=["fp8", "int8"], help="also quantize the KV cache, calibrated per head")
+    p.add_argument(
+        "--rotate",
+        nargs="?",
+        const="hadamard",
+        choices=["hadamard", "orthogonal"],
+        help="fold random rotations into the weights first (default kind: hadamard)",
+    )
+    p.add_argument("--observer", choices=["minmax", "mse"], help="weight range: own min/max or searched clipping")
     p.add_argument("--ignore", nargs="+", help="module names or re:patterns to keep in full precision")
     p.add_argument(
         "--moe-calibrate-all-experts",
@@ -76,9 +85,11 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     if bool(args.recipe) == bool(args.scheme):
         raise QuantConfigError("give exactly one of --recipe and --scheme")
     if args.recipe:
-        if args.method or args.group_size or args.kv_cache or args.ignore or args.moe_calibrate_all_experts:
+        flags = (args.method, args.group_size, args.kv_cache, args.ignore, args.moe_calibrate_all_experts)
+        if any(flags) or args.rotate or args.observer:
             raise QuantConfigError(
-                "--method, --group-size, --kv-cache, --ignore and --moe-calibrate-all-experts go into the recipe file"
+                "--method, --group-size, --kv-cache, --ignore, --moe-calibrate-all-experts, --rotate and --observer "
+                "go into the recipe file"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -91,6 +102,10 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
             overrides["ignore"] = tuple(args.ignore)
         if args.moe_calibrate_all_experts:
             overrides["moe_calibrate_all_experts"] = True
+        if args.rotate:
+            overrides["rotation"] = RotationConfig(kind=args.rotate)
+        if args.observer:
+            overrides["observer"] = args.observer
         recipe = Recipe(preset(args.scheme, **overrides))
     spec = recipe.calibration
     for field, value in (("source", args.calib), ("num_samples", args.num_samples), ("seq_len", args.seq_len)):

@@ -8,11 +8,15 @@ from typing import Any
 
 from slimserve.compress.args import QuantArgs
 from slimserve.compress.errors import QuantConfigError
+from slimserve.compress.quant.hqq import HQQOptions
+from slimserve.compress.quant.observers import OBSERVERS
+from slimserve.compress.rotation import RotationConfig
 
 # lm_head stays in full precision (it dominates the error for little memory) and MoE routers must keep their
 # exact logits; names are matched as plain module-name suffixes or, with the "re:" prefix, as regexes.
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:.*mlp\\.gate$", "re:.*router.*", "re:.*shared_expert_gate$")
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "hqq")
+DATA_FREE_METHODS = ("rtn", "hqq")
 
 
 @dataclass
@@ -62,12 +66,19 @@ class QuantConfig:
     # MoE: run every expert on every calibration token for its statistics (outputs still follow the router),
     # so that no expert goes uncalibrated; by default experts see only the tokens routed to them.
     moe_calibrate_all_experts: bool = False
+    hqq: HQQOptions = field(default_factory=HQQOptions)
+    observer: str = "minmax"  # weight ranges: "minmax" or "mse" (searched clipping, for 2-3 bit and ternary)
+    rotation: RotationConfig | None = None  # Hadamard rotations folded into the weights before quantizing
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QuantConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.observer not in OBSERVERS:
+            raise QuantConfigError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         self.ignore = tuple(self.ignore)
         w = self.weight_args()
+        if self.method == "hqq" and (w.symmetric or w.type != "int"):
+            raise QuantConfigError("HQQ optimizes zero points: use asymmetric integer weights (symmetric=False)")
         if w.type == "float" and self.method != "rtn":
             raise QuantConfigError(f"FP8 weights are rounded to nearest; method {self.method!r} does not apply")
         if self.method == "awq" and self.smoothquant is not None:
@@ -93,7 +104,7 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         a = self.input_args()
         return (
-            self.method != "rtn"
+            self.method not in DATA_FREE_METHODS
             or self.smoothquant is not None
             or self.kv_cache is not None
             or (a is not None and not a.dynamic)
@@ -111,14 +122,16 @@ class QuantConfig:
             "kv_cache": None if self.kv_cache is None else self.kv_cache.args().to_dict(),
             "ignore": list(self.ignore),
             "moe_calibrate_all_experts": self.moe_calibrate_all_experts,
+            "observer": self.observer,
+            "rotation": None if self.rotation is None else self.rotation.describe(),
         }
 
 
-def _int_weights(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
+def _int_weights(bits: int, group_size: int | None, symmetric: bool, ternary: bool = False) -> QuantArgs:
     if group_size is not None and group_size not in (32, 64, 128):
         raise QuantConfigError(f"group size must be 32, 64 or 128 (or none for per-channel), not {group_size}")
     strategy = "channel" if group_size is None else "group"
-    return QuantArgs(bits, "int", symmetric, strategy, group_size)
+    return QuantArgs(bits, "int", symmetric, strategy, group_size, ternary=ternary)
 
 
 @dataclass
@@ -128,6 +141,34 @@ class Int4WeightOnly(QuantConfig):
 
     def weight_args(self) -> QuantArgs:
         return _int_weights(4, self.group_size, self.symmetric)
+
+
+@dataclass
+class IntxWeightOnly(QuantConfig):
+    """2-, 3-, 4- or 8-bit integer weights, by default asymmetric in groups of 64 with searched clipping: at
+    2 and 3 bits a zero point and a clipped range are worth far more than their few bits per group."""
+
+    bits: int = 2
+    group_size: int | None = 64
+    symmetric: bool = False
+    observer: str = "mse"
+
+    def weight_args(self) -> QuantArgs:
+        if self.bits not in (2, 3, 4, 8):
+            raise QuantConfigError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
+        return _int_weights(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass
+class TernaryWeightOnly(QuantConfig):
+    """Ternary weights {-1, 0, 1} times one scale per group (stored as 2-bit symmetric codes); the scale is
+    searched (the absmax would round most weights to zero)."""
+
+    group_size: int | None = 64
+    observer: str = "mse"
+
+    def weight_args(self) -> QuantArgs:
+        return _int_weights(2, self.group_size, True, ternary=True)
 
 
 @dataclass
@@ -200,6 +241,20 @@ class Int4WeightFloat8Activation(QuantConfig):
         return QuantArgs(8, "float", True, "token", dynamic=True)
 
 
+@dataclass
+class Int4DynamicActivationInt4Weight(QuantConfig):
+    """W4A4 (simulated): INT4 group weights with dynamic per-token INT4 activations; usable only with rotations
+    that remove the activation outliers first."""
+
+    group_size: int | None = 128
+
+    def weight_args(self) -> QuantArgs:
+        return _int_weights(4, self.group_size, True)
+
+    def input_args(self) -> QuantArgs:
+        return QuantArgs(4, "int", True, "token", dynamic=True)
+
+
 # "FP8" follows the per-channel dynamic form (the one that needs no calibration); llm-compressor's static
 # per-tensor FP8 is FP8_STATIC here. "W4A8" carries FP8 activations (llm-compressor's W4AFP8).
 PRESETS: dict[str, tuple[type[QuantConfig], dict[str, Any]]] = {
@@ -212,6 +267,10 @@ PRESETS: dict[str, tuple[type[QuantConfig], dict[str, Any]]] = {
     "FP8_STATIC": (Float8StaticActivationFloat8Weight, {}),
     "FP8_BLOCK": (Float8DynamicActivationFloat8Weight, {"granularity": "block"}),
     "W4A8": (Int4WeightFloat8Activation, {"group_size": 128}),
+    "W4A4": (Int4DynamicActivationInt4Weight, {"group_size": 128}),
+    "W3A16": (IntxWeightOnly, {"bits": 3, "group_size": 64}),
+    "W2A16": (IntxWeightOnly, {"bits": 2, "group_size": 64}),
+    "TERNARY": (TernaryWeightOnly, {"group_size": 64}),
 }
 KV_CACHE_PRESETS: dict[str, str] = {"fp8": "float", "int8": "int"}
 

@@ -14,6 +14,7 @@ from slimserve.compress.errors import CalibrationError
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.quant import awq, kv
 from slimserve.compress.quant.gptq import HessianAccumulator, gptq
+from slimserve.compress.quant.hqq import hqq
 from slimserve.compress.quant.rtn import QuantizedWeight, rtn
 from slimserve.compress.quant.smoothquant import AbsMax, smooth_scales
 from slimserve.compress.report import CompressionReport, LayerRecord, LinearRecord
@@ -160,14 +161,16 @@ class LayerQuantizer:
         if method == "gptq" and acc.n == 0:
             method = "rtn (no calibration tokens)"  # an expert the router never chose: no Hessian to use
         elif method == "gptq":
-            out = gptq(w, acc.h, self.wargs, self.config.gptq, dtype)
+            out = gptq(w, acc.h, self.wargs, self.config.gptq, dtype, self.config.observer)
             if out is None:
                 self.report.gptq_fallbacks.append(full)
                 method = "rtn (gptq fallback)"
             else:
                 result, damping = out.weight, out.damping
+        elif method == "hqq":
+            result = hqq(w, self.wargs, self.config.hqq, dtype)
         if result is None:
-            result = rtn(w, self.wargs, dtype)
+            result = rtn(w, self.wargs, dtype, self.config.observer)
         input_scale = None
         if full in self.act_absmax:
             amax = self._input_absmax(full).amax()

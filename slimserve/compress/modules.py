@@ -40,7 +40,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", scale)
         if zero_point is not None:
             # Zero points are packed along the output dimension, as compressed-tensors stores them.
-            zp = pack_int32(zero_point, weight_args.num_bits, dim=0) if fmt == "pack-quantized" else zero_point
+            # Fractional zero points (HQQ) stay in the scale's dtype, unpacked.
+            packed = fmt == "pack-quantized" and not zero_point.is_floating_point()
+            zp = pack_int32(zero_point, weight_args.num_bits, dim=0) if packed else zero_point
             self.register_buffer("weight_zero_point", zp)
         else:
             self.weight_zero_point = None
@@ -57,7 +59,8 @@ class QuantizedLinear(nn.Module):
         return self.weight
 
     def zero_point(self) -> torch.Tensor | None:
-        if self.weight_zero_point is None or self.format != "pack-quantized":
+        zp = self.weight_zero_point
+        if zp is None or self.format != "pack-quantized" or zp.is_floating_point():
             return self.weight_zero_point
         return unpack_int32(self.weight_zero_point, self.weight_args.num_bits, self.out_features, dim=0)
 

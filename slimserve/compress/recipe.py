@@ -6,11 +6,12 @@
     kv_cache: fp8               # or int8
     calibration: {source: generic, num_samples: 128, seq_len: 512}
     stages:
+      - rotate: {kind: hadamard}  # optional, first: rotations folded into the weights
       - smoothquant: {alpha: 0.8}
       - gptq: {damping: 0.01, actorder: true}
 
-Stages run per decoder layer in the order given: at most one balancing stage (smoothquant), then one
-weight stage (rtn, gptq or awq; rtn when none is given)."""
+Stages run per decoder layer in the order given: an optional rotation of the whole model first, at most one
+balancing stage (smoothquant), then one weight stage (rtn, gptq, awq or hqq; rtn when none is given)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ from slimserve.compress.configs import (
     preset,
 )
 from slimserve.compress.errors import QuantConfigError, RecipeError
+from slimserve.compress.quant.hqq import HQQOptions
+from slimserve.compress.rotation import RotationConfig
 
-WEIGHT_STAGES = {"rtn": None, "gptq": GPTQOptions, "awq": AWQOptions}
+WEIGHT_STAGES = {"rtn": None, "gptq": GPTQOptions, "awq": AWQOptions, "hqq": HQQOptions}
 TOP_LEVEL = {"scheme", "options", "ignore", "kv_cache", "calibration", "stages"}
 
 
@@ -78,18 +81,22 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         if not isinstance(stage, dict) or len(stage) != 1:
             raise RecipeError(f"{where}: stage {i + 1} must be a single 'name: {{options}}' entry")
         ((name, values),) = stage.items()
-        if name == "smoothquant":
+        if name == "rotate":
+            if i != 0:
+                raise RecipeError(f"{where}: rotate must be the first stage")
+            overrides["rotation"] = _options(RotationConfig, values, f"{where}: rotate")
+        elif name == "smoothquant":
             if method is not None:
                 raise RecipeError(f"{where}: smoothquant must come before the {method} stage")
             overrides["smoothquant"] = _options(SmoothQuantOptions, values, f"{where}: smoothquant")
         elif name in WEIGHT_STAGES:
             if method is not None:
-                raise RecipeError(f"{where}: only one weight stage (rtn, gptq or awq), got {method} and {name}")
+                raise RecipeError(f"{where}: only one weight stage (rtn, gptq, awq or hqq), got {method} and {name}")
             method = name
             if WEIGHT_STAGES[name] is not None:
                 overrides[name] = _options(WEIGHT_STAGES[name], values, f"{where}: {name}")
         else:
-            raise RecipeError(f"{where}: unknown stage {name!r}; known: smoothquant, rtn, gptq, awq")
+            raise RecipeError(f"{where}: unknown stage {name!r}; known: rotate, smoothquant, rtn, gptq, awq, hqq")
     overrides["method"] = method or "rtn"
     try:
         config = preset(str(data["scheme"]), **overrides)

@@ -24,6 +24,7 @@ from slimserve.engine.scheduler import Scheduler
 from slimserve.engine.sequence import Sequence
 from slimserve.engine.speculative.build import build_speculative, proposer_kv_bytes_per_block
 from slimserve.errors import PromptTooLongError, SlimserveError
+from slimserve.layers.cpu_quant import cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_path, self.model_config, self.tokenizer)
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = parse_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads or cpu_threads())
         # Under tensor parallelism this process is rank 0; it starts (or, under torchrun, meets) the others.
         self.tensor_parallel = launch_tensor_parallel(config, self.model_config, self.model_path, self.device)
         self._shutdown = weakref.finalize(self, self.tensor_parallel.shutdown)

@@ -15,6 +15,7 @@ from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
 from slimserve.errors import SlimserveError
 from slimserve.layers.attention import AttentionMetadata
+from slimserve.layers.cpu_quant import quantize_for_cpu
 from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
 from slimserve.layers.sparse import sparse_structure, use_sparse_24
 from slimserve.models.dummy import load_dummy_weights
@@ -97,6 +98,10 @@ class ModelRunner:
             load_dummy_weights(self.model, config.seed)
         else:
             self.model.load_weights(iter_safetensors(model_path, device, dtype))
+        if config.cpu_quantization is not None:
+            if device.type != "cpu":
+                raise SlimserveError("cpu_quantization needs the CPU device (--device cpu)")
+            quantize_for_cpu(self.model, config.cpu_quantization)
         self.model.eval()
         self.sparse_layers: list[str] = []
         if config.sparse_kernels and sparse_structure(model_config.raw) == "2:4":

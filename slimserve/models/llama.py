@@ -182,6 +182,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
+        self.head_linear: nn.Module | None = None  # a quantized output head, when one replaces lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
@@ -204,6 +205,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank."""
+        if self.head_linear is not None:
+            return self.head_linear(hidden)
         return self.vocab.logits(hidden, self.lm_head)
 
     def attention_layers(self) -> list[PagedAttention]:

@@ -54,7 +54,7 @@ def test_self_calibration_and_recipe(model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--scheme", "W3A16"], "unknown scheme"),
+        (["--scheme", "W5A16"], "unknown scheme"),
         (["--scheme", "W4A16", "--group-size", "128"], "does not divide"),
         (["--scheme", "W4A16", "--group-size", "48"], "group size must be"),
         (["--scheme", "FP8_BLOCK"], "block width 128 does not divide"),

@@ -97,7 +97,7 @@ def test_pack_known_word():
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(num_bits=3),
+        dict(num_bits=5),
         dict(type="float", num_bits=4),
         dict(strategy="group"),
         dict(strategy="token"),

@@ -13,7 +13,7 @@ import torch
 
 from slimserve.compress.args import QuantArgs
 from slimserve.compress.configs import GPTQOptions
-from slimserve.compress.quant import qdq
+from slimserve.compress.quant import observers, qdq
 from slimserve.compress.quant.rtn import QuantizedWeight
 
 
@@ -60,12 +60,16 @@ def _inverse_cholesky(h: torch.Tensor, opts: GPTQOptions) -> tuple[torch.Tensor,
     return None
 
 
-def _column_params(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _column_params(
+    w: torch.Tensor, args: QuantArgs, dtype: torch.dtype, observer: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale/zero point over the columns of w (out, k), one per row."""
-    return qdq.qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args, dtype)
+    return qdq.qparams(*observers.row_range(w, args, observer), args, dtype)
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype) -> GPTQResult | None:
+def gptq(
+    w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype, observer: str = "minmax"
+) -> GPTQResult | None:
     """Quantize w (out, in) given the Hessian of its inputs; None when H is unusable (not finite).
 
     A float32 h is borrowed rather than copied (at an 8B model's MLP width a copy costs most of a gigabyte
@@ -78,13 +82,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, opts: GPTQOptions, d
     diagonal = torch.diagonal(h)
     saved = diagonal.clone()
     try:
-        return _gptq(w, h, args, opts, dtype)
+        return _gptq(w, h, args, opts, dtype, observer)
     finally:
         diagonal.copy_(saved)
 
 
 def _gptq(
-    w: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype
+    w: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, dtype: torch.dtype, observer: str
 ) -> GPTQResult | None:
     W = w.to(torch.float32, copy=True)
     rows, cols = W.shape
@@ -100,7 +104,7 @@ def _gptq(
     static = args.strategy == "channel" or opts.actorder
     if static:
         for g in range(groups):
-            s, z = _column_params(W[:, g * gs : (g + 1) * gs], args, dtype)
+            s, z = _column_params(W[:, g * gs : (g + 1) * gs], args, dtype, observer)
             scale[:, g : g + 1] = s
             if zp is not None:
                 zp[:, g : g + 1] = z
@@ -128,7 +132,7 @@ def _gptq(
             col = order[i1 + i]
             g = col // gs
             if not static and col % gs == 0:
-                s, z = _column_params(W1[:, i : i + gs], args, dtype)
+                s, z = _column_params(W1[:, i : i + gs], args, dtype, observer)
                 scale[:, g : g + 1] = s
                 if zp is not None:
                     zp[:, g : g + 1] = z

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from slimserve.compress.args import QuantArgs
-from slimserve.compress.quant import qdq
+from slimserve.compress.quant import observers, qdq
 
 
 @dataclass
@@ -22,6 +22,6 @@ class QuantizedWeight:
         return qdq.dequantize(self.q, self.scale, self.zero_point, args)
 
 
-def rtn(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> QuantizedWeight:
-    scale, zp = qdq.qparams(*qdq.weight_range(w, args), args, dtype)
+def rtn(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype, observer: str = "minmax") -> QuantizedWeight:
+    scale, zp = qdq.qparams(*observers.weight_range(w, args, observer), args, dtype)
     return QuantizedWeight(qdq.quantize(w, scale, zp, args), scale, zp)
