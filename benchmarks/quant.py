@@ -43,48 +43,12 @@ from slimserve.kernels.quant_gemm_ref import QuantWeight, pack_codes, quant_gemm
 from slimserve.layers.linear import Linear
 from slimserve.layers.quantized import QuantLinearBase
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import SHAPES  # noqa: E402
+
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
 SCHEMES = ["bf16", "W8A16", "W4A16", "FP8", "W4A8"]
-
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192)  # fmt: skip
-SHAPES = {
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_scaling=dict(LLAMA3_ROPE, factor=32.0),
-    ),  # fmt: skip
-    "llama-3.1-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_scaling=LLAMA3_ROPE,
-    ),  # fmt: skip
-}
 
 
 def quantization_config(scheme: str) -> dict | None:
