@@ -11,24 +11,17 @@ block table, so a key tile may span several cache blocks):
 """
 
 import functools
-import os
 
 import torch
 
 from slimserve.kernels.attention_ref import paged_attention_ref
-from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
-        # The CPU interpreter keeps bf16 as raw integers and cannot multiply them; on a GPU UPCAST is off.
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision="ieee")
+    from slimserve.kernels.common import dot as _dot
 
     @triton.jit
     def _attend(
@@ -276,7 +269,6 @@ if HAS_TRITON:
 
 
 # Triton's interpreter replaces the kernels when this is set (it must be set before this module is imported).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 
@@ -329,7 +321,7 @@ def paged_attention_triton(
     if num_seqs == 0:  # no programs to launch (and no split count to compute)
         return out
     qk_scale = scale * _LOG2E
-    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=_INTERPRETED, KV_QUANT=kv_quant)
+    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=INTERPRETED, KV_QUANT=kv_quant)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
 
     if max_seqlen_q > 1:

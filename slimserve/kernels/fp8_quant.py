@@ -4,14 +4,10 @@ launches (abs, amax, divide, cast) of the plain-torch version."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.fp8_quant_ref import FP8_MAX, MIN_SCALE, quantize_fp8_ref
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if HAS_TRITON:
     import triton

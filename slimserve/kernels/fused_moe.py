@@ -7,15 +7,12 @@ into its epilogue; a sum over the k pairs of each token finishes. Every size is 
 alone (no host sync), so the whole layer runs inside a CUDA graph.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.fused_moe_ref import fused_moe_ref
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if HAS_TRITON:
     import triton
@@ -168,7 +165,7 @@ def _grouped_gemm(
         GATED=gated,
         APPLY_WEIGHT=not gated,
         IEEE=a.dtype == torch.float32,
-        UPCAST=_INTERPRETED and a.dtype == torch.bfloat16,
+        UPCAST=INTERPRETED and a.dtype == torch.bfloat16,
         BLOCK_M=blocks.block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

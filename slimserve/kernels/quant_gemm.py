@@ -14,24 +14,17 @@ twice over; beyond that, 64/128-row tiles without splitting, where the dot domin
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from slimserve.kernels.dispatch import HAS_TRITON, use_triton
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
-        # The CPU interpreter cannot multiply bf16 or FP8 held as raw integers; on a GPU UPCAST is off.
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision="ieee")
+    from slimserve.kernels.common import dot as _dot
 
     @triton.jit
     def _quant_gemm_kernel(
@@ -120,7 +113,6 @@ if HAS_TRITON:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 16
 
 
@@ -187,7 +179,7 @@ def quant_gemm_triton(
         target.stride(-2), target.stride(0) if split_k > 1 else 0,
         BITS=w.bits, W_FP8=w.is_fp8, A_FP8=x_scale is not None, HAS_ZERO=w.zeros is not None,
         GROUP=min(w.group_size, k), SCALE_BLOCK_N=w.block_n, X_GROUP=x_group,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1, UPCAST=_INTERPRETED,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1, UPCAST=INTERPRETED,
         num_warps=4, num_stages=4 if gemv else 3,
     )  # fmt: skip
     if split_k > 1:

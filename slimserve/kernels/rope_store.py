@@ -4,8 +4,7 @@ and k, v into the paged KV cache. In a decode step this replaces six small launc
 
 import torch
 
-from slimserve.kernels.dispatch import HAS_TRITON, use_triton
-from slimserve.kernels.fp8_quant import INTERPRETED
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.rope_store_ref import rope_and_store_ref
 
 if HAS_TRITON:
