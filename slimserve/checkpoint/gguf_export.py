@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from slimserve.checkpoint.gguf_reader import GLOBAL_MODULES, LAYER_MODULES
 from slimserve.checkpoint.resolve import resolve_model
 from slimserve.errors import CheckpointError, SlimserveError, UnsupportedArchitectureError
 
@@ -30,20 +31,9 @@ TYPES["q4_0"] = (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)
 # transformers model_type -> (GGUF architecture, q/k rows interleaved per rotary pair)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 ARCHITECTURES["qwen3"] = ("qwen3", False)
-_LAYER = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# transformers module -> llama.cpp tensor name: the reader's maps, inverted.
+_LAYER = {module: name for name, module in LAYER_MODULES.items()}
+_GLOBAL = {module: name for name, module in GLOBAL_MODULES.items()}
 # llama.cpp's token types
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 

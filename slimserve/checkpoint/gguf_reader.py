@@ -24,7 +24,7 @@ SUPPORTED_TYPES = frozenset(
 )
 
 # GGUF per-layer tensor -> transformers module inside `model.layers.N`.
-_LAYER_MODULES = {
+LAYER_MODULES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -37,7 +37,7 @@ _LAYER_MODULES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GLOBAL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _CORE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -309,7 +309,7 @@ def _generation_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
 def _tensor_infos(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> list[TensorInfo]:
     """Map every tensor to its transformers name, checking type and shape; check nothing required is missing."""
     expected = _expected_shapes(ckpt.config)
-    modules = {**_LAYER_MODULES, **ckpt.family.renames}
+    modules = {**LAYER_MODULES, **ckpt.family.renames}
     infos = []
     for tensor in raw.values():
         gguf_name = tensor.name
@@ -325,8 +325,8 @@ def _tensor_infos(ckpt: GGUFCheckpoint, raw: dict[str, ReaderTensor]) -> list[Te
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in modules:
             module = f"model.layers.{parts[1]}.{modules[parts[2]]}"
             key = modules[parts[2]]
-        elif len(parts) == 2 and parts[0] in _GLOBAL_MODULES:
-            module = key = _GLOBAL_MODULES[parts[0]]
+        elif len(parts) == 2 and parts[0] in GLOBAL_MODULES:
+            module = key = GLOBAL_MODULES[parts[0]]
         else:
             raise CheckpointError(f"{ckpt.path}: unexpected tensor {gguf_name} for a {ckpt.architecture} model")
         shape = _hf_shape(tensor)
