@@ -42,6 +42,26 @@ class QuantLinearBase(nn.Module):
         """Random checkpoint tensors of one shard (for `load_format="dummy"` speed runs)."""
         raise NotImplementedError
 
+    # ---- a static activation scale (schemes that quantize their inputs with a calibrated scale) --------------
+    @property
+    def static_input(self) -> bool:
+        return self.scheme.act is not None and not self.scheme.act.dynamic
+
+    def input_scale_keys(self) -> tuple[str, ...]:
+        return ("input_scale",) if self.static_input else ()
+
+    def merged_input_scale(self, parts: Parts) -> torch.Tensor | None:
+        """One static input scale for a fused layer: the largest of its shards', which clips nothing any shard
+        would not have clipped."""
+        if not self.static_input:
+            return None
+        return torch.stack([p["input_scale"].float().reshape(()) for p in parts]).amax().reshape(1)
+
+    def add_dummy_input_scale(self, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.static_input:
+            part["input_scale"] = torch.full((1,), 0.05, device=self.device)
+        return part
+
     # ---- loading -----------------------------------------------------------------------------------------
     def expected_params(self) -> list[str]:
         return list(self.required()) + (["bias"] if self.bias is not None else [])

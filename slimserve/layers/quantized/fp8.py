@@ -25,12 +25,8 @@ class Fp8Linear(QuantLinearBase):
         if act is not None and (act.type != "float" or act.group_size is not None):
             raise CheckpointError("FP8 weights with per-tensor/channel scales need FP8 per-token or static activations")
 
-    @property
-    def static_input(self) -> bool:
-        return self.scheme.act is not None and not self.scheme.act.dynamic
-
     def required(self) -> tuple[str, ...]:
-        return ("weight", "weight_scale") + (("input_scale",) if self.static_input else ())
+        return ("weight", "weight_scale") + self.input_scale_keys()
 
     def build(self, parts: Parts) -> None:
         weights, scales = [], []
@@ -45,12 +41,7 @@ class Fp8Linear(QuantLinearBase):
             scales.append(s.expand(rows))  # a per-tensor scale becomes the same scale on every row
         self.weight = torch.cat(weights).contiguous()
         self.weight_scale = torch.cat(scales).contiguous()
-        # One static input scale for the fused layer: the largest, as each shard's clips nothing under it.
-        self.input_scale = (
-            torch.stack([p["input_scale"].float().reshape(()) for p in parts]).amax().reshape(1)
-            if self.static_input
-            else None
-        )
+        self.input_scale = self.merged_input_scale(parts)
         self.qweight = QuantWeight(self.weight, self.weight_scale[:, None], None, 8, self.in_features,
                                    self.in_features, self.out_features)  # fmt: skip
         self.scale_b = self.weight_scale[None, :]
@@ -69,6 +60,4 @@ class Fp8Linear(QuantLinearBase):
             "weight": random_fp8(rows, self.in_features, generator, self.device),
             "weight_scale": torch.rand(rows, 1, generator=generator, device=self.device) * 1e-4 + 1e-4,
         }
-        if self.static_input:
-            part["input_scale"] = torch.full((1,), 0.05, device=self.device)
-        return part
+        return self.add_dummy_input_scale(part)

@@ -29,19 +29,14 @@ class Int8ActLinear(CompressedIntLinear):
             raise CheckpointError("INT8 activations are supported per token or with a static scale")
 
     def required(self) -> tuple[str, ...]:
-        return super().required() + (() if self.scheme.act.dynamic else ("input_scale",))
+        return super().required() + self.input_scale_keys()
 
     def build(self, parts: Parts) -> None:
         super().build(parts)
-        self.input_scale = None
-        if not self.scheme.act.dynamic:
-            self.input_scale = torch.stack([p["input_scale"].float().reshape(()) for p in parts]).amax().reshape(1)
+        self.input_scale = self.merged_input_scale(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(round_int8(x, self.input_scale))
 
     def dummy_shard(self, rows: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        part = super().dummy_shard(rows, generator)
-        if not self.scheme.act.dynamic:
-            part["input_scale"] = torch.full((1,), 0.05, device=self.device)
-        return part
+        return self.add_dummy_input_scale(super().dummy_shard(rows, generator))
