@@ -23,6 +23,24 @@ from slimserve.compress.structure import BalanceGroup, apply_balance, balance_gr
 RunLayer = Callable[[], None]
 
 
+def hook_inputs(modules: dict[str, nn.Module], collect: Callable[[str, torch.Tensor], None]) -> list:
+    """Forward hooks that hand each named module's input to `collect(name, x)`."""
+
+    def make(name: str):
+        return lambda mod, inputs, out: collect(name, inputs[0])
+
+    return [m.register_forward_hook(make(n)) for n, m in modules.items()]
+
+
+def run_with_hooks(run: RunLayer, handles: list) -> None:
+    """One calibration pass with the hooks in place; they are removed whatever happens."""
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class LayerQuantizer:
     def __init__(
         self, layer: nn.Module, prefix: str, config: QuantConfig, record: LayerRecord, report: CompressionReport
@@ -46,23 +64,12 @@ class LayerQuantizer:
             if all(n in names for n in g.linears) and not (norm_only and isinstance(g.prev, nn.Linear))
         ]
 
-    def _hook_inputs(self, modules: dict[str, nn.Module], collect: Callable[[str, torch.Tensor], None]) -> list:
-        def make(name: str):
-            return lambda mod, inputs, out: collect(name, inputs[0])
-
-        return [m.register_forward_hook(make(n)) for n, m in modules.items()]
-
     def _run_observing_group_inputs(
         self, groups: list, collect: Callable[[str, torch.Tensor], None], run: RunLayer
     ) -> None:
         """Run the layer once with `collect` seeing the input of each group's first linear (its inputs are
         the whole group's)."""
-        handles = self._hook_inputs({g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, collect)
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
+        run_with_hooks(run, hook_inputs({g.linears[0]: linear_of(self.layer, g.linears[0]) for g in groups}, collect))
 
     @torch.no_grad()
     def calibrate(self, run: RunLayer) -> None:
@@ -117,17 +124,13 @@ class LayerQuantizer:
             if static_act:
                 self.act_absmax[name].add(x)
 
-        handles = self._hook_inputs(dict(self.targets), collect)
+        handles = hook_inputs(dict(self.targets), collect)
         observers: dict[nn.Module, kv.KVObserver] = {}
         if self.config.kv_cache is not None:
             for attn in kv.attention_modules(self.layer):
                 observers[attn] = kv.KVObserver()
                 handles.append(kv.attach(attn, None, observers[attn]))
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
+        run_with_hooks(run, handles)
         if self.config.kv_cache is not None:
             kv_args = self.config.kv_cache.args()
             for attn, obs in observers.items():
@@ -180,7 +183,7 @@ class LayerQuantizer:
         )
         parent_name, _, child = self.local[full].rpartition(".")
         setattr(self.layer.get_submodule(parent_name) if parent_name else self.layer, child, module)
-        return _errors(self.reference.get(full, w), result.dequantize(self.wargs), acc, method, damping)
+        return linear_errors(self.reference.get(full, w), result.dequantize(self.wargs), acc, method, damping)
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
@@ -190,7 +193,7 @@ def _sibling_key(name: str) -> str:
     return _EXPERT_INDEX.sub(".experts.*.", name)
 
 
-def _errors(
+def linear_errors(
     w: torch.Tensor, wq: torch.Tensor, acc: HessianAccumulator | None, method: str, damping: float | None
 ) -> LinearRecord:
     w, d = w.float(), (wq.float() - w.float())

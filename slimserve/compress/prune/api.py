@@ -14,7 +14,7 @@ from tqdm import tqdm
 from slimserve.compress.api import Calibration, _default_device
 from slimserve.compress.calibration import advance_inputs, capture_inputs, run_layer
 from slimserve.compress.errors import CalibrationError, QuantConfigError
-from slimserve.compress.layer import _errors
+from slimserve.compress.layer import hook_inputs, linear_errors, run_with_hooks
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.prune.config import SparsityConfig
 from slimserve.compress.prune.methods import magnitude, sparsegpt, wanda
@@ -50,15 +50,7 @@ class LayerPruner:
         # The Hessian also scores the layer's output error in the report, for every method.
         for full, lin in self.targets.items():
             self.stats[full] = HessianAccumulator(lin.in_features, device)
-        handles = [
-            lin.register_forward_hook(lambda mod, inputs, out, n=full: self.stats[n].add(inputs[0]))
-            for full, lin in self.targets.items()
-        ]
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
+        run_with_hooks(run, hook_inputs(dict(self.targets), lambda name, x: self.stats[name].add(x)))
 
     @torch.no_grad()
     def prune(self) -> None:
@@ -78,7 +70,7 @@ class LayerPruner:
                     pruned, codes = out
             else:
                 pruned = magnitude(w, self.config)
-            self.record.linears[self.local[full]] = _errors(w, pruned, acc, method, None)
+            self.record.linears[self.local[full]] = linear_errors(w, pruned, acc, method, None)
             self.zeros += int((pruned == 0).sum())
             self.total += pruned.numel()
             if codes is not None:
