@@ -8,6 +8,7 @@ inputs, and its quantized outputs become the next layer's inputs."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -114,7 +115,44 @@ def advance_inputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[di
         hidden[j] = _layer_output(layer(hidden[j], **kw))
 
 
+# What one layer's step does: calibrate on `run` (one pass over the calibration set; None without samples),
+# then quantize or prune the layer in place.
+LayerStep = Callable[[nn.Module, str, LayerRecord, Callable[[], None] | None], None]
+
+
 @torch.no_grad()
+def process_sequential(
+    model: nn.Module,
+    samples: list[torch.Tensor] | None,
+    device: torch.device,
+    report: CompressionReport,
+    step: LayerStep,
+    desc: str,
+    progress: bool = True,
+) -> None:
+    """Apply `step` to every decoder layer in order, each on the accelerator in turn; with samples, each layer
+    is calibrated on the outputs of the already-processed layers before it."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    hidden, kwargs = capture_inputs(model, layers, samples, device) if samples else (None, None)
+    bar = tqdm(range(len(layers)), desc=desc, disable=not progress)
+    for i in bar:
+        start = time.perf_counter()
+        reset_peak_memory(device)
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        record = LayerRecord(index=i, seconds=0.0, peak_memory_mb=0.0)
+        step(layer, f"{prefix}.{i}", record, None if hidden is None else partial(run_layer, layer, hidden, kwargs[i]))
+        if hidden is not None:
+            advance_inputs(layer, hidden, kwargs[i])
+        layer.to(home)
+        record.seconds = time.perf_counter() - start
+        record.peak_memory_mb = peak_memory_mb(device)
+        report.layers.append(record)
+        bar.set_postfix(sec=f"{record.seconds:.1f}", peak_mb=f"{record.peak_memory_mb:.0f}")
+
+
 def quantize_sequential(
     model: nn.Module,
     config: QuantConfig,
@@ -123,28 +161,12 @@ def quantize_sequential(
     report: CompressionReport,
     progress: bool = True,
 ) -> None:
-    """Quantize every decoder layer in order; with samples, each layer is calibrated on the outputs of the
-    already-quantized layers before it."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
-    hidden, kwargs = capture_inputs(model, layers, samples, device) if samples else (None, None)
-    bar = tqdm(range(len(layers)), desc="quantizing layers", disable=not progress)
-    for i in bar:
-        start = time.perf_counter()
-        reset_peak_memory(device)
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        record = LayerRecord(index=i, seconds=0.0, peak_memory_mb=0.0)
-        quantizer = LayerQuantizer(layer, f"{prefix}.{i}", config, record, report)
-        if hidden is not None:
-            quantizer.calibrate(partial(run_layer, layer, hidden, kwargs[i]))
-            quantizer.quantize()
-            advance_inputs(layer, hidden, kwargs[i])
-        else:
-            quantizer.quantize()
-        layer.to(home)
-        record.seconds = time.perf_counter() - start
-        record.peak_memory_mb = peak_memory_mb(device)
-        report.layers.append(record)
-        bar.set_postfix(sec=f"{record.seconds:.1f}", peak_mb=f"{record.peak_memory_mb:.0f}")
+    """Quantize every decoder layer in order (see process_sequential)."""
+
+    def step(layer: nn.Module, name: str, record: LayerRecord, run: Callable[[], None] | None) -> None:
+        quantizer = LayerQuantizer(layer, name, config, record, report)
+        if run is not None:
+            quantizer.calibrate(run)
+        quantizer.quantize()
+
+    process_sequential(model, samples, device, report, step, "quantizing layers", progress)

@@ -5,21 +5,20 @@ the outputs of the already-pruned layers before it)."""
 from __future__ import annotations
 
 import time
-from functools import partial
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from slimserve.compress.api import Calibration, _default_device
-from slimserve.compress.calibration import advance_inputs, capture_inputs, run_layer
+from slimserve.compress.calibration import process_sequential
 from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.layer import hook_inputs, linear_errors, run_with_hooks
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.prune.config import SparsityConfig
 from slimserve.compress.prune.methods import magnitude, sparsegpt, wanda
 from slimserve.compress.quant.gptq import HessianAccumulator
-from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb, reset_peak_memory
+from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
 from slimserve.compress.structure import decoder_layers, target_linears
 
 
@@ -108,29 +107,18 @@ def prune_(
         report.calibration = calibration.describe()
     start = time.perf_counter()
     model.eval()
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
-    hidden, kwargs = capture_inputs(model, layers, samples, device) if samples else (None, None)
-    zeros = total = 0
-    for i in tqdm(range(len(layers)), desc=f"pruning layers ({config.method})", disable=not progress):
-        t0 = time.perf_counter()
-        reset_peak_memory(device)
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        record = LayerRecord(index=i, seconds=0.0, peak_memory_mb=0.0)
-        pruner = LayerPruner(layer, f"{prefix}.{i}", config, record)
-        if hidden is not None:
-            pruner.calibrate(partial(run_layer, layer, hidden, kwargs[i]))
+    counts = [0, 0]  # zeroed weights, weights
+
+    def step(layer: nn.Module, name: str, record: LayerRecord, run: Callable[[], None] | None) -> None:
+        pruner = LayerPruner(layer, name, config, record)
+        if run is not None:
+            pruner.calibrate(run)
         pruner.prune()
-        if hidden is not None:
-            advance_inputs(layer, hidden, kwargs[i])
-        layer.to(home)
-        zeros, total = zeros + pruner.zeros, total + pruner.total
-        record.seconds = time.perf_counter() - t0
-        record.peak_memory_mb = peak_memory_mb(device)
-        report.layers.append(record)
-    report.scheme["global_sparsity"] = zeros / max(total, 1)
+        counts[0] += pruner.zeros
+        counts[1] += pruner.total
+
+    process_sequential(model, samples, device, report, step, f"pruning layers ({config.method})", progress)
+    report.scheme["global_sparsity"] = counts[0] / max(counts[1], 1)
     pruned = pruned_linears(model, config)
     report.skipped = sorted(n for n in target_linears(model, "", ()) if n not in pruned)
     report.seconds = time.perf_counter() - start
