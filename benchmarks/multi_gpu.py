@@ -28,7 +28,6 @@ import json
 import os
 import random
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ from slimserve import LLM, SamplingParams
 from slimserve.checkpoint.random_model import save_random_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine import SHAPES, make_requests  # noqa: E402
+from engine import SHAPES, make_requests, slimserve_batch1, slimserve_throughput, sync_time  # noqa: E402
 from long_context import TINY  # noqa: E402
 from moe import QWEN3_30B_A3B  # noqa: E402
 from moe import TINY as TINY_MOE  # noqa: E402
@@ -54,12 +53,6 @@ MULTI_GPU_SHAPES = {
     "qwen3-30b-a3b-16l": QWEN3_30B_A3B | dict(num_hidden_layers=16),
     **SHAPES,
 }
-
-
-def sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def is_moe(config) -> bool:
@@ -94,29 +87,6 @@ def agreement(base: list, other: list) -> dict:
     }
 
 
-# ---- speed --------------------------------------------------------------------------------------------
-def batch1(llm: LLM, prompt: list[int], new_tokens: int, device: torch.device) -> dict:
-    engine = llm.engine
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    engine.add_request("b1", prompt, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
-    first = None
-    while engine.has_unfinished_requests():
-        engine.step()
-        first = first or sync_time(device)
-    end = sync_time(device)
-    return {"decode_tok_s": (new_tokens - 1) / (end - first), "step_ms": 1e3 * (end - first) / (new_tokens - 1)}
-
-
-def throughput(llm: LLM, requests: list[tuple[list[int], int]], device: torch.device) -> dict:
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for _, n in requests]
-    llm.generate([p for p, _ in requests[:8]], params[:8], use_tqdm=False)
-    start = sync_time(device)
-    outs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
-    elapsed = sync_time(device) - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"elapsed_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed}
-
-
 # ---- all-reduce ---------------------------------------------------------------------------------------
 def _all_reduce_rank(rank: int, world: int, port: int, backend: str, shapes: list[tuple[int, int]], out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -130,10 +100,10 @@ def _all_reduce_rank(rank: int, world: int, port: int, backend: str, shapes: lis
         for _ in range(20):
             dist.all_reduce(x)
         iters = 200
-        start = sync_time(device)
+        start = sync_time()
         for _ in range(iters):
             dist.all_reduce(x)
-        times.append((sync_time(device) - start) / iters)
+        times.append((sync_time() - start) / iters)
     if rank == 0:
         out.put(times)
     dist.barrier()
@@ -187,8 +157,8 @@ def run_shape(name: str, args, device: torch.device) -> dict:
                 base = outs
             else:
                 run["agreement_with_tp1"] = agreement(base, outs)
-            run["batch1"] = batch1(llm, prompt, args.decode_tokens, device)
-            run["throughput"] = throughput(llm, requests, device)
+            run["batch1"] = slimserve_batch1(llm, prompt, args.decode_tokens)
+            run["throughput"] = slimserve_throughput(llm, requests)
             del llm
             gc.collect()
             if device.type == "cuda":
@@ -205,7 +175,7 @@ def run_shape(name: str, args, device: torch.device) -> dict:
             run["batch1_speedup"] = run["batch1"]["decode_tok_s"] / one["batch1"]["decode_tok_s"]
         if world > 1:
             per_call = all_reduce_seconds(world, [(1, config.hidden_size)], device)[0]
-            step_s = run["batch1"]["step_ms"] / 1e3
+            step_s = 1.0 / run["batch1"]["decode_tok_s"]
             per_step = 2 * config.num_hidden_layers * per_call
             run["all_reduce"] = {
                 "per_call_us": 1e6 * per_call,
