@@ -44,7 +44,7 @@ from slimserve.layers.linear import Linear
 from slimserve.layers.quantized import QuantLinearBase
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine import SHAPES  # noqa: E402
+from engine import SHAPES, make_requests, slimserve_throughput, sync_time  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
@@ -75,11 +75,6 @@ def model_folder(workdir: str, shape: str, scheme: str) -> str:
         json.dump(cfg, f)
     word_level_tokenizer(cfg["vocab_size"]).save_pretrained(folder)
     return folder
-
-
-def sync_time() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def free() -> None:
@@ -235,17 +230,7 @@ def prefill(llm: LLM, vocab: int, tokens: int, repeats: int = 3) -> dict:
 
 
 def throughput(llm: LLM, vocab: int, n: int) -> dict:
-    rng = random.Random(0)
-    reqs = [
-        ([rng.randrange(3, vocab) for _ in range(rng.randint(100, 1024))], rng.randint(100, 1024)) for _ in range(n)
-    ]
-    params = [SamplingParams(temperature=1.0, max_tokens=m, ignore_eos=True) for _, m in reqs]
-    llm.generate([p for p, _ in reqs[:8]], params[:8], use_tqdm=False)
-    start = sync_time()
-    outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
-    elapsed = sync_time() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"requests": n, "elapsed_s": elapsed, "output_tok_s": produced / elapsed}
+    return slimserve_throughput(llm, make_requests(vocab, n, seed=0))
 
 
 def long_context_decode(llm: LLM, vocab: int, context: int, new_tokens: int) -> dict:
