@@ -14,6 +14,7 @@ from slimserve.distributed.layers import AttentionHeads, ColumnParallelLinear, R
 from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
+from slimserve.kernels.gemv import norm_gemv, silu_mul_gemv
 from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
@@ -44,6 +45,11 @@ def _quantized(
     if layer is not None and parallel.is_parallel:
         raise CheckpointError("quantized checkpoints run in one process (tensor_parallel_size 1)")
     return layer
+
+
+def _streamable(linear: nn.Module) -> bool:
+    """A dense weight matrix that the fused decode GEMVs can read (not quantized, not 2:4-compressed)."""
+    return isinstance(linear, Linear) and type(linear.weight.data) is torch.Tensor
 
 
 class LlamaAttention(nn.Module):
@@ -85,9 +91,13 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.attend(positions, self.qkv_proj(x), meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention and the output projection, from the q|k|v projection."""
         # One fused prologue: q/k norm (Qwen3), rotary, and the new keys/values written into the cache.
         q = rope_and_store(
-            self.qkv_proj(x),
+            qkv,
             positions,
             self.rotary.cos_sin_cache,
             self.attn.k_cache,
@@ -147,6 +157,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 1:
+            return self._forward_one_token(positions, x, residual, meta)
         # The residual add is fused into the next norm: each norm returns (normed, new residual).
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -155,6 +167,27 @@ class LlamaDecoderLayer(nn.Module):
         x = self.self_attn(positions, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def _forward_one_token(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-1 decode: each norm (with its residual add) and the gated SiLU run inside the GEMV after
+        it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if _streamable(attn.qkv_proj):
+            qkv, residual = norm_gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm1.weight, norm1.eps, residual)
+        else:
+            x, residual = (norm1(x), x) if residual is None else norm1(x, residual)
+            qkv = attn.qkv_proj(x)
+        x = attn.attend(positions, qkv, meta)
+        dense_mlp = isinstance(mlp, LlamaMLP) and _streamable(mlp.gate_up_proj) and _streamable(mlp.down_proj)
+        if not dense_mlp or mlp.down_proj.parallel.is_parallel:
+            x, residual = norm2(x, residual)
+            return mlp(x), residual
+        gate_up_proj = mlp.gate_up_proj
+        gate_up, residual = norm_gemv(x, gate_up_proj.weight, gate_up_proj.bias, norm2.weight, norm2.eps, residual)
+        return silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class LlamaForCausalLM(nn.Module):

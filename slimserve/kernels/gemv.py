@@ -1,0 +1,233 @@
+"""Decode GEMVs that absorb the small kernel before them, in Triton, beside gemv_ref.py.
+
+At batch 1 a decoder layer is a chain of kernels too small to reach the memory bandwidth; the RMSNorm
+(with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
+kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
+L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
+per (BLOCK_N output features, input row); the block shape is tuned per (N, K) on the GPU.
+"""
+
+import torch
+
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
+from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _load_input(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr):
+        # The residual sum is rounded to the activation dtype before it is normalised, as in the reference.
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x = x + tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,
+        res_ptr,
+        res_out_ptr,
+        norm_w_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_x,
+        stride_res,
+        stride_res_out,
+        stride_w,
+        stride_out,
+        eps,
+        NORM: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        SILU_MUL: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64)
+        dtype = x_ptr.dtype.element_ty
+        x_ptr += row * stride_x
+        res_ptr += row * stride_res
+        res_out_ptr += row * stride_res_out
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        inv_rms = 1.0
+        if NORM:
+            # First pass over the (small) input: its mean square; program 0 also writes the new residual.
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + offs_k
+                mask_k = cols < K
+                x = _load_input(x_ptr, res_ptr, cols, mask_k, HAS_RESIDUAL)
+                squares += x * x
+                if HAS_RESIDUAL:
+                    if pid_n == 0:
+                        tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
+            inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            mask_k = cols < K
+            if NORM:
+                x = _load_input(x_ptr, res_ptr, cols, mask_k, HAS_RESIDUAL)
+                h = (x * inv_rms).to(dtype).to(tl.float32)
+                g = tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+                a = (h * g).to(dtype).to(tl.float32)
+            elif SILU_MUL:
+                gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
+                # torch rounds silu(gate) to the input dtype before the product; so does this.
+                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+                a = (act * up).to(dtype).to(tl.float32)
+            else:
+                a = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    def _tuning_configs() -> list[triton.Config]:
+        if INTERPRETED:  # one configuration: the interpreter would time every candidate
+            return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64})]
+        return [
+            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+            for block_n, block_k, warps in (
+                (2, 512, 4),
+                (4, 256, 4),
+                (4, 512, 4),
+                (4, 1024, 8),
+                (8, 256, 4),
+                (8, 512, 8),
+                (16, 128, 4),
+                (16, 256, 8),
+                (32, 128, 8),
+            )
+            for stages in (1, 3)
+        ]
+
+    # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
+    _gemv_tuned = triton.autotune(
+        _tuning_configs(),
+        key=["N", "K", "NORM", "HAS_RESIDUAL", "SILU_MUL"],
+        do_bench=lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles),
+    )(_gemv_kernel)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    in_features: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    block: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel on rows of x; `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
+    n, k = weight.shape
+    if k != in_features:
+        raise ValueError(f"weight has {k} input features, the input {in_features}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    res2 = new_res2 = x2  # unused unless there is a residual
+    new_residual = None
+    if residual is not None:
+        res2 = residual.reshape(-1, k)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        new_res2 = new_residual.view(-1, k)
+    args = (
+        x2,
+        res2,
+        new_res2,
+        norm_weight if norm_weight is not None else weight,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        n,
+        k,
+        x2.stride(0),
+        res2.stride(0),
+        new_res2.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        eps,
+    )
+    flags = dict(
+        NORM=norm_weight is not None,
+        HAS_RESIDUAL=residual is not None,
+        SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None,
+    )
+    if block is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), x2.shape[0])  # noqa: E731
+        _gemv_tuned[grid](*args, **flags)
+    else:
+        _gemv_kernel[(triton.cdiv(n, block[0]), x2.shape[0])](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+    return out.view(*x.shape[:-1], n), new_residual
+
+
+def norm_gemv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as norm_gemv_ref, with the norm weight in the activations' dtype."""
+    out, new_residual = _launch(
+        x, weight, bias, in_features=x.shape[-1], norm_weight=norm_weight, eps=eps, residual=residual, block=block
+    )
+    return out, x if new_residual is None else new_residual
+
+
+def silu_mul_gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Same contract as silu_mul_gemv_ref."""
+    return _launch(x, weight, bias, in_features=x.shape[-1] // 2, silu_mul=True, block=block)[0]
+
+
+def norm_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return norm_gemv_triton(x, weight, bias, norm_weight, eps, residual)
+    return norm_gemv_ref(x, weight, bias, norm_weight, eps, residual)
+
+
+def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        return silu_mul_gemv_triton(x, weight, bias)
+    return silu_mul_gemv_ref(x, weight, bias)
+
+
+def gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """linear(x, weight, bias) for a few rows, without a prologue."""
+    return _launch(x, weight, bias, in_features=x.shape[-1], block=block)[0]
