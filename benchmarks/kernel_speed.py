@@ -28,6 +28,8 @@ from slimserve.kernels.activation import silu_and_mul_triton
 from slimserve.kernels.activation_ref import silu_and_mul_ref
 from slimserve.kernels.attention import paged_attention, paged_attention_triton
 from slimserve.kernels.attention_ref import paged_attention_ref
+from slimserve.kernels.gemv import SplitKScratch, _gemv_tuned, gemv_triton, norm_gemv_triton, silu_mul_gemv_triton
+from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref
 from slimserve.kernels.norm import rms_norm_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
 from slimserve.kernels.rope_store import rope_and_store_triton
@@ -212,8 +214,52 @@ def bench_silu(name: str, m: ModelShape, tokens: int) -> Row:
     return memory_row("silu_and_mul", name, label, err, run, 3 * tokens * m.intermediate * DTYPE.itemsize)
 
 
+def bench_gemv(name: str, m: ModelShape) -> list[Row]:
+    """Batch-1 decode GEMVs with their fused prologue against the unfused kernels (Triton norm or SiLU, then
+    cuBLAS) at each projection of the model; bandwidth counts the weight bytes."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=DTYPE)  # noqa: E731
+    x, res, norm_w = rand(1, m.hidden), rand(1, m.hidden), 1 + 0.1 * rand(m.hidden)
+    rows, scratch = [], SplitKScratch()
+    for proj, n in (("q|k|v", q + 2 * kv), ("gate|up", 2 * m.intermediate)):
+        w = rand(n, m.hidden) / m.hidden**0.5
+        out = norm_gemv_triton(x, w, None, norm_w, 1e-6, res, scratch)
+        err = rel_error(out[0], norm_gemv_ref(x, w, None, norm_w, 1e-6, res)[0])
+        shape = f"{proj} {n}x{m.hidden}"
+        nbytes = w.numel() * DTYPE.itemsize
+        fused = memory_row(
+            "norm+gemv (fused)",
+            name,
+            shape,
+            err,
+            lambda w=w: norm_gemv_triton(x, w, None, norm_w, 1e-6, res, scratch),
+            nbytes,
+        )
+        fused.kernel += f" {_gemv_tuned.best_config}"
+        unfused = lambda w=w: torch.nn.functional.linear(rms_norm_triton(x, norm_w, 1e-6, res)[0], w)  # noqa: E731
+        rows += [fused, memory_row("norm, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
+    w = rand(m.hidden, m.intermediate) / m.intermediate**0.5
+    gate_up = rand(1, 2 * m.intermediate)
+    err = rel_error(silu_mul_gemv_triton(gate_up, w, scratch=scratch), silu_mul_gemv_ref(gate_up, w))
+    shape, nbytes = f"down {m.hidden}x{m.intermediate}", w.numel() * DTYPE.itemsize
+    fused = memory_row(
+        "silu+gemv (fused)", name, shape, err, lambda: silu_mul_gemv_triton(gate_up, w, scratch=scratch), nbytes
+    )
+    fused.kernel += f" {_gemv_tuned.best_config}"
+    unfused = lambda: torch.nn.functional.linear(silu_and_mul_triton(gate_up), w)  # noqa: E731
+    rows += [fused, memory_row("silu, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
+    w = rand(m.hidden, q) / q**0.5
+    xo = rand(1, q)
+    err = rel_error(gemv_triton(xo, w, scratch=scratch), torch.nn.functional.linear(xo, w))
+    shape, nbytes = f"o {m.hidden}x{q}", w.numel() * DTYPE.itemsize
+    plain = memory_row("gemv", name, shape, err, lambda: gemv_triton(xo, w, scratch=scratch), nbytes)
+    plain.kernel += f" {_gemv_tuned.best_config}"
+    rows += [plain, memory_row("cuBLAS", name, shape, 0.0, lambda: torch.nn.functional.linear(xo, w), nbytes)]
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
-    head = f"{'kernel':<36} {'model':<13} {'shape':<28} {'rel err':>9} {'us':>8} {'graph us':>9} {'achieved':>17}"
+    head = f"{'kernel':<60} {'model':<13} {'shape':<28} {'rel err':>9} {'us':>8} {'graph us':>9} {'achieved':>17}"
     print(head, f"{'peak':>6}")
     for r in rows:
         timing = ""
@@ -221,7 +267,7 @@ def print_table(rows: list[Row]) -> None:
             timing = (
                 f"{r.time_us:8.1f} {r.graph_us:9.1f} {r.achieved:9.1f} {r.unit:<7} {100 * r.fraction_of_peak:5.1f}%"
             )
-        print(f"{r.kernel:<36} {r.model:<13} {r.shape:<28} {r.rel_error:9.2e} {timing}")
+        print(f"{r.kernel:<60} {r.model:<13} {r.shape:<28} {r.rel_error:9.2e} {timing}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -251,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_prefill(name, m, n, 0, args.block_size))
         rows.append(bench_prefill(name, m, n, 3 * n, args.block_size))
         rows.append(check_graph_replay(name, m, 8, max(args.contexts), args.block_size))
+        rows.extend(bench_gemv(name, m))
         for tokens in sorted({*args.batches, n}):
             rows.append(bench_rope_store(name, m, tokens, args.block_size))
             rows.extend(bench_rms_norm(name, m, tokens))

@@ -61,6 +61,24 @@ def main() -> None:
         runner.sampler.sample(logits, sampling, None)
     torch.cuda.synchronize()
     print(f"sampler alone: {(time.perf_counter() - t) * 10:.3f} ms per step (graph bs {graph_bs})")
+    print_kernel_times(graph)
+
+
+def print_kernel_times(graph: torch.cuda.CUDAGraph, replays: int = 20) -> None:
+    """Device time per kernel of one decode step, from the profiler's trace of graph replays."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals.setdefault(event.name[:90], []).append(event.device_time)
+    step_us = sum(sum(times) for times in totals.values()) / replays
+    print(f"kernel time per step: {step_us:.1f} us (the rest of a replay is gaps between kernels)")
+    print(f"{'kernel':<90} {'launches':>8} {'us/step':>8} {'us each':>8}")
+    for name, times in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{name:<90} {len(times) / replays:8.1f} {sum(times) / replays:8.1f} {sum(times) / len(times):8.2f}")
 
 
 if __name__ == "__main__":
