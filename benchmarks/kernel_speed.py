@@ -28,7 +28,7 @@ from slimserve.kernels.activation import silu_and_mul_triton
 from slimserve.kernels.activation_ref import silu_and_mul_ref
 from slimserve.kernels.attention import paged_attention, paged_attention_triton
 from slimserve.kernels.attention_ref import paged_attention_ref
-from slimserve.kernels.gemv import SplitKScratch, _gemv_tuned, gemv_triton, norm_gemv_triton, silu_mul_gemv_triton
+from slimserve.kernels.gemv import _gemv_tuned, gemv_triton, norm_gemv_triton, silu_mul_gemv_triton
 from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref
 from slimserve.kernels.norm import rms_norm_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
@@ -220,10 +220,10 @@ def bench_gemv(name: str, m: ModelShape) -> list[Row]:
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=DTYPE)  # noqa: E731
     x, res, norm_w = rand(1, m.hidden), rand(1, m.hidden), 1 + 0.1 * rand(m.hidden)
-    rows, scratch = [], SplitKScratch()
+    rows = []
     for proj, n in (("q|k|v", q + 2 * kv), ("gate|up", 2 * m.intermediate)):
         w = rand(n, m.hidden) / m.hidden**0.5
-        out = norm_gemv_triton(x, w, None, norm_w, 1e-6, res, scratch)
+        out = norm_gemv_triton(x, w, None, norm_w, 1e-6, res)
         err = rel_error(out[0], norm_gemv_ref(x, w, None, norm_w, 1e-6, res)[0])
         shape = f"{proj} {n}x{m.hidden}"
         nbytes = w.numel() * DTYPE.itemsize
@@ -232,7 +232,7 @@ def bench_gemv(name: str, m: ModelShape) -> list[Row]:
             name,
             shape,
             err,
-            lambda w=w: norm_gemv_triton(x, w, None, norm_w, 1e-6, res, scratch),
+            lambda w=w: norm_gemv_triton(x, w, None, norm_w, 1e-6, res),
             nbytes,
         )
         fused.kernel += f" {_gemv_tuned.best_config}"
@@ -240,19 +240,17 @@ def bench_gemv(name: str, m: ModelShape) -> list[Row]:
         rows += [fused, memory_row("norm, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
     w = rand(m.hidden, m.intermediate) / m.intermediate**0.5
     gate_up = rand(1, 2 * m.intermediate)
-    err = rel_error(silu_mul_gemv_triton(gate_up, w, scratch=scratch), silu_mul_gemv_ref(gate_up, w))
+    err = rel_error(silu_mul_gemv_triton(gate_up, w), silu_mul_gemv_ref(gate_up, w))
     shape, nbytes = f"down {m.hidden}x{m.intermediate}", w.numel() * DTYPE.itemsize
-    fused = memory_row(
-        "silu+gemv (fused)", name, shape, err, lambda: silu_mul_gemv_triton(gate_up, w, scratch=scratch), nbytes
-    )
+    fused = memory_row("silu+gemv (fused)", name, shape, err, lambda: silu_mul_gemv_triton(gate_up, w), nbytes)
     fused.kernel += f" {_gemv_tuned.best_config}"
     unfused = lambda: torch.nn.functional.linear(silu_and_mul_triton(gate_up), w)  # noqa: E731
     rows += [fused, memory_row("silu, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
     w = rand(m.hidden, q) / q**0.5
     xo = rand(1, q)
-    err = rel_error(gemv_triton(xo, w, scratch=scratch), torch.nn.functional.linear(xo, w))
+    err = rel_error(gemv_triton(xo, w), torch.nn.functional.linear(xo, w))
     shape, nbytes = f"o {m.hidden}x{q}", w.numel() * DTYPE.itemsize
-    plain = memory_row("gemv", name, shape, err, lambda: gemv_triton(xo, w, scratch=scratch), nbytes)
+    plain = memory_row("gemv", name, shape, err, lambda: gemv_triton(xo, w), nbytes)
     plain.kernel += f" {_gemv_tuned.best_config}"
     rows += [plain, memory_row("cuBLAS", name, shape, 0.0, lambda: torch.nn.functional.linear(xo, w), nbytes)]
     return rows

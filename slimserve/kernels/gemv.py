@@ -34,8 +34,6 @@ if HAS_TRITON:
         w_ptr,
         b_ptr,
         out_ptr,
-        partial_ptr,
-        arrivals_ptr,
         N,
         K,
         stride_x,
@@ -50,11 +48,9 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        row = tl.program_id(2)
+        row = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty
         x_ptr += row.to(tl.int64) * stride_x
         res_ptr += row.to(tl.int64) * stride_res
@@ -62,15 +58,12 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_begin = pid_k * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
-            mask_k = cols < k_end
+            mask_k = cols < K
             if NORM:
                 # RMSNorm scales the row by one number: the sum of squares accumulates beside the products
                 # and the scale is applied at the end, so the weights stream from the first iteration.
@@ -91,43 +84,18 @@ if HAS_TRITON:
             w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc += w.to(tl.float32) * a[None, :]
         y = tl.sum(acc, axis=1)
-        sum_squares = tl.sum(squares, axis=0)
-        if SPLIT_K == 1:
-            if NORM:
-                y *= tl.rsqrt(sum_squares / K + eps)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-        else:
-            # Split K: partial sums meet in an fp32 workspace; the last program of this block of outputs
-            # to arrive finishes them and leaves the workspace zeroed for the next call (one launch, no memset).
-            num_blocks = tl.num_programs(0)
-            partial = partial_ptr + row * (N + num_blocks)
-            tl.atomic_add(partial + offs_n, y, mask=mask_n)
-            if NORM:
-                tl.atomic_add(partial + N + pid_n, sum_squares)
-            arrivals = arrivals_ptr + row * num_blocks + pid_n
-            if tl.atomic_add(arrivals, 1) == SPLIT_K - 1:
-                # Read through L2 with atomics (other programs' sums may not be in this SM's L1), then zero.
-                total = tl.atomic_add(partial + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=mask_n)
-                tl.store(partial + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=mask_n)
-                if NORM:
-                    total *= tl.rsqrt(tl.atomic_add(partial + N + pid_n, 0.0) / K + eps)
-                    tl.store(partial + N + pid_n, 0.0)
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                tl.store(out_ptr + row * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-                tl.store(arrivals, 0)
+        if NORM:
+            y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     def _tuning_configs() -> list[triton.Config]:
         if INTERPRETED:  # one configuration: the interpreter would time every candidate
-            return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64, "SPLIT_K": 2})]
+            return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64})]
         return [
-            triton.Config(
-                {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, num_warps=warps, num_stages=stages
-            )
+            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
             for block_n, block_k, warps in ((2, 512, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8), (32, 256, 8))
-            for split in (1, 2, 4)
             for stages in (1, 3)
         ]
 
@@ -139,36 +107,19 @@ if HAS_TRITON:
     )(_gemv_kernel)
 
 
-class SplitKScratch:
-    """The zeroed fp32 partial sums and int32 arrival counters that split-K launches meet in. Every launch
-    leaves them zeroed, so one scratch serves all the GEMVs of a model, one after the other."""
-
-    def __init__(self) -> None:
-        self.partial: torch.Tensor | None = None
-        self.arrivals: torch.Tensor | None = None
-
-    def get(self, rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Room for one partial sum per output and one sum of squares per block of outputs (blocks >= 1 wide).
-        if self.partial is None or self.partial.device != device or self.partial.numel() < 2 * rows * n:
-            self.partial = torch.zeros(2 * rows * n, dtype=torch.float32, device=device)
-            self.arrivals = torch.zeros(rows * n, dtype=torch.int32, device=device)
-        return self.partial, self.arrivals
-
-
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
     in_features: int,
-    scratch: SplitKScratch | None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     silu_mul: bool = False,
-    block: tuple[int, int, int] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel on rows of x; `block` = (BLOCK_N, BLOCK_K, SPLIT_K) bypasses tuning (tests)."""
+    """Run the kernel on rows of x; `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
     n, k = weight.shape
     if k != in_features:
         raise ValueError(f"weight has {k} input features, the input {in_features}")
@@ -187,7 +138,6 @@ def _launch(
             res2 = res2.contiguous()
         new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         new_res2 = new_residual.view(-1, k)
-    partial, arrivals = (scratch or SplitKScratch()).get(rows, n, x.device)
     args = (
         x2,
         res2,
@@ -196,8 +146,6 @@ def _launch(
         weight,
         bias if bias is not None else weight,
         out,
-        partial,
-        arrivals,
         n,
         k,
         x2.stride(0),
@@ -214,12 +162,10 @@ def _launch(
         HAS_BIAS=bias is not None,
     )
     if block is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], rows)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)  # noqa: E731
         _gemv_tuned[grid](*args, **flags)
     else:
-        block_n, block_k, split = block
-        grid = (triton.cdiv(n, block_n), split, rows)
-        _gemv_kernel[grid](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
+        _gemv_kernel[(triton.cdiv(n, block[0]), rows)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
     return out.view(*x.shape[:-1], n), new_residual
 
 
@@ -230,8 +176,7 @@ def norm_gemv_triton(
     norm_weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
-    scratch: SplitKScratch | None = None,
-    block: tuple[int, int, int] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as norm_gemv_ref, with the norm weight in the activations' dtype."""
     out, new_residual = _launch(
@@ -239,7 +184,6 @@ def norm_gemv_triton(
         weight,
         bias,
         in_features=x.shape[-1],
-        scratch=scratch,
         norm_weight=norm_weight,
         eps=eps,
         residual=residual,
@@ -252,11 +196,10 @@ def silu_mul_gemv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    scratch: SplitKScratch | None = None,
-    block: tuple[int, int, int] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same contract as silu_mul_gemv_ref."""
-    return _launch(x, weight, bias, in_features=x.shape[-1] // 2, scratch=scratch, silu_mul=True, block=block)[0]
+    return _launch(x, weight, bias, in_features=x.shape[-1] // 2, silu_mul=True, block=block)[0]
 
 
 def norm_gemv(
@@ -266,18 +209,15 @@ def norm_gemv(
     norm_weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
-    scratch: SplitKScratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return norm_gemv_triton(x, weight, bias, norm_weight, eps, residual, scratch)
+        return norm_gemv_triton(x, weight, bias, norm_weight, eps, residual)
     return norm_gemv_ref(x, weight, bias, norm_weight, eps, residual)
 
 
-def silu_mul_gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scratch: SplitKScratch | None = None
-) -> torch.Tensor:
+def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(x):
-        return silu_mul_gemv_triton(x, weight, bias, scratch)
+        return silu_mul_gemv_triton(x, weight, bias)
     return silu_mul_gemv_ref(x, weight, bias)
 
 
@@ -285,8 +225,7 @@ def gemv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    scratch: SplitKScratch | None = None,
-    block: tuple[int, int, int] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """linear(x, weight, bias) for a few rows, without a prologue."""
-    return _launch(x, weight, bias, in_features=x.shape[-1], scratch=scratch, block=block)[0]
+    return _launch(x, weight, bias, in_features=x.shape[-1], block=block)[0]

@@ -14,7 +14,7 @@ from slimserve.distributed.layers import AttentionHeads, ColumnParallelLinear, R
 from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
-from slimserve.kernels.gemv import SplitKScratch, norm_gemv, silu_mul_gemv
+from slimserve.kernels.gemv import norm_gemv, silu_mul_gemv
 from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
@@ -145,12 +145,10 @@ class LlamaDecoderLayer(nn.Module):
         parallel: ParallelState,
         rotary: RotaryEmbedding,
         mlp: nn.Module,
-        gemv_scratch: SplitKScratch,
         quant: QuantizationConfig | None = None,
         prefix: str = "",
     ) -> None:
         super().__init__()
-        self.gemv_scratch = gemv_scratch  # shared by every layer's batch-1 GEMVs
         self.self_attn = LlamaAttention(cfg, parallel, rotary, quant, f"{prefix}.self_attn")
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -175,11 +173,11 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-1 decode: each norm (with its residual add) and the gated SiLU run inside the GEMV after
         it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
-        attn, mlp, scratch = self.self_attn, self.mlp, self.gemv_scratch
+        attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if _streamable(attn.qkv_proj):
             qkv_proj = attn.qkv_proj
-            qkv, residual = norm_gemv(x, qkv_proj.weight, qkv_proj.bias, norm1.weight, norm1.eps, residual, scratch)
+            qkv, residual = norm_gemv(x, qkv_proj.weight, qkv_proj.bias, norm1.weight, norm1.eps, residual)
         else:
             x, residual = (norm1(x), x) if residual is None else norm1(x, residual)
             qkv = attn.qkv_proj(x)
@@ -189,10 +187,8 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = norm2(x, residual)
             return mlp(x), residual
         gate_up_proj = mlp.gate_up_proj
-        gate_up, residual = norm_gemv(
-            x, gate_up_proj.weight, gate_up_proj.bias, norm2.weight, norm2.eps, residual, scratch
-        )
-        return silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, scratch), residual
+        gate_up, residual = norm_gemv(x, gate_up_proj.weight, gate_up_proj.bias, norm2.weight, norm2.eps, residual)
+        return silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -211,9 +207,8 @@ class LlamaForCausalLM(nn.Module):
         self.quant = QuantizationConfig.from_model_config(cfg.raw)
         if self.quant is not None and type(self).make_mlp is not LlamaForCausalLM.make_mlp:
             raise CheckpointError(f"quantized {cfg.architecture} checkpoints are not supported (dense families only)")
-        scratch = SplitKScratch()
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, self.parallel, rotary, self._mlp(cfg, i), scratch, self.quant, f"model.layers.{i}")
+            LlamaDecoderLayer(cfg, self.parallel, rotary, self._mlp(cfg, i), self.quant, f"model.layers.{i}")
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -22,7 +22,6 @@ from torch import nn
 from slimserve.config import ModelConfig
 from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError, ModelNotFoundError, SlimserveError
-from slimserve.kernels.gemv import SplitKScratch
 from slimserve.kernels.rotary_ref import apply_rotary_ref
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.linear import Linear
@@ -49,7 +48,7 @@ class EagleHead(nn.Module):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
         )
         parallel = ParallelState()
-        self.layer = LlamaDecoderLayer(cfg, parallel, rotary, LlamaMLP(cfg, parallel), SplitKScratch())
+        self.layer = LlamaDecoderLayer(cfg, parallel, rotary, LlamaMLP(cfg, parallel))
         self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
 
     def forward(
