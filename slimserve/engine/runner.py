@@ -117,9 +117,6 @@ class ModelRunner:
         self.max_model_len = min(self.max_model_len, self.num_blocks * self.block_size)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self._allocate_kv_cache()
-        # Counters the split decode-attention kernel of every layer uses and leaves zeroed (one per sequence
-        # and KV head); without them each layer would zero its own.
-        self.split_arrivals = torch.zeros(config.max_num_seqs * self.num_kv_heads, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
@@ -281,7 +278,6 @@ class ModelRunner:
             seq_lens=parts[3],
             block_tables=parts[5],
             max_seqlen_q=max_seqlen_q,
-            split_arrivals=self.split_arrivals,
         )
         self.last_hidden = self.model(parts[0], parts[1], meta)
         return self.last_hidden
@@ -388,7 +384,6 @@ class ModelRunner:
                 seq_lens=self.g_seq_lens[:bs],
                 block_tables=self.g_tables[:bs],
                 max_seqlen_q=1,
-                split_arrivals=self.split_arrivals,
             )
 
             def step(bs: int = bs, meta: AttentionMetadata = meta) -> torch.Tensor:

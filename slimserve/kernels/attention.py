@@ -162,7 +162,6 @@ if HAS_TRITON:
         out_ptr,
         part_o_ptr,
         part_lse_ptr,
-        arrivals_ptr,
         cu_q_ptr,
         seq_lens_ptr,
         tables_ptr,
@@ -229,37 +228,44 @@ if HAS_TRITON:
             dst = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
         else:
-            # Partial results [seq, head, split, :] and their log2-sum-exp. The last split of this (sequence,
-            # KV head) to finish merges them all, so a decode step needs no second kernel.
-            head_mask = offs_g < tl.where(has_query, GROUP, 0)
-            part = (seq * num_heads + heads).to(tl.int64) * num_splits
-            tl.store(part_o_ptr + (part + split)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
-            tl.store(part_lse_ptr + part + split, m_i + tl.log2(l_safe), mask=head_mask)
-            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-            arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(arrivals, 1, sem="acq_rel") == num_splits - 1:
-                # Online merge over the splits; empty splits have lse = -inf and weigh nothing, and a padding
-                # sequence has only those and gets zeros. Loads go through L2 (.cg): other SMs wrote them.
-                lse_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-                total = tl.zeros([BLOCK_G], dtype=tl.float32)
-                merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-                for other in range(num_splits):
-                    lse = tl.load(
-                        part_lse_ptr + part + other, mask=head_mask, other=float("-inf"), cache_modifier=".cg"
-                    )
-                    o = tl.load(part_o_ptr + (part + other)[:, None] * HEAD_DIM + offs_d[None, :], mask=io_mask,
-                                other=0.0, cache_modifier=".cg")  # fmt: skip
-                    new_max = tl.maximum(lse_max, lse)
-                    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-                    rescale = tl.exp2(lse_max - safe_max)
-                    weight = tl.exp2(lse - safe_max)
-                    total = total * rescale + weight
-                    merged = merged * rescale[:, None] + o * weight[:, None]
-                    lse_max = new_max
-                merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
-                dst = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-                tl.store(dst, merged.to(out_ptr.dtype.element_ty), mask=io_mask)
-                tl.store(arrivals, 0)  # zero again for the next call
+            # Partial results [seq, head, split, :] and their log2-sum-exp, merged by _reduce_splits_kernel.
+            part = (seq * num_heads + heads).to(tl.int64) * num_splits + split
+            tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=offs_g < tl.where(has_query, GROUP, 0))
+
+    @triton.jit
+    def _reduce_splits_kernel(
+        part_o_ptr,
+        part_lse_ptr,
+        out_ptr,
+        cu_q_ptr,
+        stride_ot,
+        stride_oh,
+        num_splits,
+        BLOCK_S: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
+        has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        d_mask = offs_d < HEAD_DIM
+        part = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits + offs_s
+        lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+        # Empty splits have lse = -inf and weigh nothing; a padding sequence has only those and gets zeros.
+        lse_max = tl.max(lse, 0)
+        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+        total = tl.sum(weight, 0)
+        weight = weight / tl.where(total == 0.0, 1.0, total)
+        o_mask = s_mask[:, None] & d_mask[None, :]
+        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+        out = tl.sum(o * weight[:, None], 0)
+        dst = out_ptr + q_row * stride_ot + head * stride_oh + offs_d
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(has_query, HEAD_DIM, 0))
 
 
 # Triton's interpreter replaces the kernels when this is set (it must be set before this module is imported).
@@ -296,13 +302,10 @@ def paged_attention_triton(
     num_splits: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    split_arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_attention_ref, plus max_seqlen_q (host int, >= every sequence's q_len): it sizes
     the prefill grid, and 1 selects the decode path. block_m, block_n and num_splits override the tile
-    sizes and the decode split count (tests and tuning). split_arrivals: zeroed int32 counters, at least one
-    per (sequence, KV head), that a split decode leaves zeroed again; without them each call zeroes its own.
-    Output rows past cu_seqlens_q[-1] are left unset."""
+    sizes and the decode split count (tests and tuning). Output rows past cu_seqlens_q[-1] are left unset."""
     kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
     assert kv_quant or q.dtype == k_cache.dtype == v_cache.dtype, "q and a float KV cache must share a dtype"
     assert not kv_quant or (k_scale is not None and v_scale is not None), "a quantized KV cache needs its scales"
@@ -343,18 +346,21 @@ def paged_attention_triton(
     if num_splits > 1:
         part_o = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        arrivals = split_arrivals
-        if arrivals is None or arrivals.numel() < num_seqs * num_kv_heads:
-            arrivals = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=q.device)
     else:
-        part_o = part_lse = arrivals = out  # not touched without SPLIT
+        part_o = part_lse = out  # not touched without SPLIT
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, arrivals, cu_seqlens_q, seq_lens, block_tables, k_scale,
-        v_scale, qk_scale,
+        q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
+        qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, SPLIT=num_splits > 1, **common,
         num_warps=4, num_stages=3,
     )  # fmt: skip
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            part_o, part_lse, out, cu_seqlens_q, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -370,7 +376,6 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    split_arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention_ref's contract. max_seqlen_q (host int) sizes the Triton grid; without it every query
         row is assumed to be possibly one sequence's, which is correct but slower. An FP8/INT8 cache is read through
@@ -378,5 +383,5 @@ def paged_attention(
     if use_triton(q):
         bound = q.shape[0] if max_seqlen_q is None else max_seqlen_q
         return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, bound,
-                                      k_scale=k_scale, v_scale=v_scale, split_arrivals=split_arrivals)  # fmt: skip
+                                      k_scale=k_scale, v_scale=v_scale)  # fmt: skip
     return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, k_scale, v_scale)

@@ -18,8 +18,6 @@ class AttentionMetadata:
     seq_lens [num_seqs]: each sequence's length after this step (cached prefix + new tokens).
     block_tables [num_seqs, max_blocks]: KV blocks of each sequence.
     max_seqlen_q: the longest run of new tokens (host int; 1 for a pure decode step).
-    split_arrivals: zeroed counters that the split decode kernel of every layer uses and leaves zeroed
-        (None: each layer's call zeroes its own).
     """
 
     slot_mapping: torch.Tensor
@@ -27,7 +25,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     max_seqlen_q: int
-    split_arrivals: torch.Tensor | None = None
 
 
 class PagedAttention(nn.Module):
@@ -66,5 +63,4 @@ class PagedAttention(nn.Module):
             max_seqlen_q=meta.max_seqlen_q,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
-            split_arrivals=meta.split_arrivals,
         )

@@ -114,17 +114,6 @@ def test_decode_matches_reference(num_heads: int, num_kv_heads: int, block_size:
     check(batch, seed, block_n=16, num_splits=num_splits)
 
 
-def test_split_decode_leaves_its_counters_zeroed_for_the_next_call() -> None:
-    # The last split of each (sequence, KV head) merges the others and zeroes its counter again, so one set
-    # of counters serves every layer of a step.
-    gen, seed = make_generator()
-    arrivals = torch.zeros(len(DECODE_MIX) * 2, dtype=torch.int32)
-    for _ in range(2):
-        batch = make_batch(DECODE_MIX, 8, 2, 64, 16, torch.float32, gen)
-        check(batch, seed, block_n=16, num_splits=4, split_arrivals=arrivals)
-        assert not arrivals.any()
-
-
 @pytest.mark.parametrize("head_dim", [128, 96])
 def test_decode_head_dims(head_dim: int) -> None:
     gen, seed = make_generator()
