@@ -2,11 +2,11 @@
 compressed-tensors checkpoint, both in bf16.
 
 The model (a GGUF file or a Hugging Face folder, e.g. SmolLM2-135M-Instruct) is quantized by slimserve's
-compressor (W8A16 round-to-nearest, FP8 with dynamic per-token activations: neither needs calibration
-data), saved as compressed-tensors, then generated from by both. For each prompt the tokens are compared;
-where they part, the logit margin between transformers' top two candidates there says whether it is a
-near-tie (bf16 rounding of two correct implementations) or a real difference. Writes
-benchmarks/results/quant-greedy-<model>-<date>.json.
+compressor (W8A16 round-to-nearest per output channel, FP8 with dynamic per-token activations: neither
+needs calibration data), saved as compressed-tensors, then generated from by both. For each prompt the
+tokens are compared; where they part, the logit margin between transformers' top two candidates there
+says whether it is a near-tie (bf16 rounding of two correct implementations) or a real difference.
+Writes benchmarks/results/quant-greedy-<model>-<date>.json.
 
 usage: python benchmarks/quant_greedy.py MODEL [--schemes W8A16 FP8] [--max-tokens 64]
 """
@@ -118,7 +118,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         for scheme in args.schemes:
             model, tokenizer = load_causal_lm(source)
-            config = preset(scheme)
+            # Per-channel INT8 (llm-compressor's W8A16): group 128 does not divide every model's widths.
+            config = preset(scheme, **({"group_size": None} if scheme.upper() == "W8A16" else {}))
             quantize_(model, config, None, progress=False)
             folder = str(save_compressed(model, config, Path(work) / scheme, tokenizer=tokenizer))
             del model
