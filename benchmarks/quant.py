@@ -13,7 +13,8 @@
     at a 32K-token context vs the bf16 cache.
 Random weights (load_format="dummy") of the real shapes: speed does not depend on the values.
 
-usage: python benchmarks/quant.py [--num-requests 256] [--skip-throughput]
+usage: python benchmarks/quant.py [--parts checks gemv decode prefill throughput kv] [--shapes ...] [--schemes ...]
+                                  [--num-requests 256] [--gemv-configs results/quant-gemv-DATE.json]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from slimserve.kernels.attention import paged_attention_triton
 from slimserve.kernels.attention_ref import paged_attention_ref
 from slimserve.kernels.fp8_quant import quantize_fp8_triton
 from slimserve.kernels.fp8_quant_ref import quantize_fp8_ref
-from slimserve.kernels.quant_gemm import quant_gemm_triton
+from slimserve.kernels.quant_gemm import GEMV_CONFIGS, GemvConfig, quant_gemm_triton
 from slimserve.kernels.quant_gemm_ref import QuantWeight, pack_codes, quant_gemm_ref
 from slimserve.layers.linear import Linear
 from slimserve.layers.quantized import QuantLinearBase
@@ -49,6 +50,9 @@ from engine import SHAPES, make_requests, slimserve_throughput, sync_time  # noq
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
 SCHEMES = ["bf16", "W8A16", "W4A16", "FP8", "W4A8"]
+# checks: kernels vs references; gemv: batch-1 GEMV timings; decode: batch-1 engine decode per shape and scheme
+# (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline (1B); kv: FP8 cache.
+PARTS = ["checks", "gemv", "decode", "prefill", "throughput", "kv"]
 
 
 def quantization_config(scheme: str) -> dict | None:
@@ -92,12 +96,13 @@ def random_int_weight(n: int, k: int, bits: int, group: int, zeros: bool) -> Qua
     codes = torch.randint(0, 1 << bits, (n, k), device="cuda")
     scales = (torch.rand(n, k // group, device="cuda") * 2e-3 + 1e-3).bfloat16()
     z = torch.randint(0, 1 << bits, (n, k // group), device="cuda").bfloat16() if zeros else None
-    return QuantWeight(pack_codes(codes, bits), scales, z, bits, group, k, n)
+    return QuantWeight(pack_codes(codes, bits), scales, z, bits, group, k, n).input_major()  # as the layers hold it
 
 
 def kernel_checks() -> list[dict]:
     rows = []
-    for m, n, k in [(1, 6144, 4096), (7, 4096, 14336), (16, 28672, 4096), (300, 4096, 4096), (2048, 6144, 4096)]:
+    for m, n, k in [(1, 6144, 4096), (4, 4096, 14336), (7, 4096, 14336), (16, 28672, 4096), (300, 4096, 4096),
+                    (2048, 6144, 4096)]:  # fmt: skip
         x = torch.randn(m, k, device="cuda").bfloat16()
         for name, bits, group, zeros in [("W4A16", 4, 128, False), ("W4A16-asym-g32", 4, 32, True),
                                          ("W8A16-g64", 8, 64, False)]:  # fmt: skip
@@ -143,8 +148,7 @@ def gemv_timings() -> list[dict]:
         cases = {"bf16": (lambda x=x, dense=dense: torch.nn.functional.linear(x, dense), n * k * 2)}
         for scheme, bits in (("W8A16", 8), ("W4A16", 4)):
             w = random_int_weight(n, k, bits, 128, False)
-            nbytes = w.qweight.nbytes + w.scales.nbytes
-            cases[scheme] = ((lambda x=x, w=w: quant_gemm_triton(x, w)), nbytes)
+            cases[scheme] = ((lambda x=x, w=w: quant_gemm_triton(x, w)), w.qweight.nbytes + w.scales.nbytes)
         wq = (torch.randn(n, k, device="cuda") * 64).to(torch.float8_e4m3fn)
         sb = torch.rand(1, n, device="cuda")
 
@@ -163,17 +167,6 @@ def gemv_timings() -> list[dict]:
         for scheme, (fn, nbytes) in cases.items():
             us = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             rows.append({"proj": name, "scheme": scheme, "us": us, "GB_s": nbytes / us / 1e3})
-        # Tile choices of the W4A16 GEMV (the heuristic's pick is the row above).
-        w = random_int_weight(n, k, 4, 128, False)
-        for block_n in (32, 64, 128):
-            for split in (1, 2, 4, 8):
-
-                def tiled(x=x, w=w, bn=block_n, sk=split):
-                    return quant_gemm_triton(x, w, block_n=bn, split_k=sk)
-
-                us = triton.testing.do_bench(tiled, warmup=10, rep=50, return_mode="median") * 1e3
-                rows.append({"proj": name, "scheme": f"W4A16 bn{block_n} split{split}", "us": us,
-                             "GB_s": (w.qweight.nbytes + w.scales.nbytes) / us / 1e3})  # fmt: skip
     return rows
 
 
@@ -268,43 +261,25 @@ def kv_cache_comparison(workdir: str, t0: float) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--workdir", default="/tmp/slimserve-quant-bench")
-    args = parser.parse_args()
-    result: dict = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": datetime.date.today().isoformat(),
-    }
-    t0 = time.perf_counter()
-    result["kernel_checks"] = kernel_checks()
-    for r in result["kernel_checks"]:
-        print(f"check {r['kernel']:>18} {str(r['shape']):>22}  rel_err {r['rel_err']:.2e}", flush=True)
-    result["gemv"] = gemv_timings()
-    for r in result["gemv"]:
-        print(f"gemv {r['proj']:>8} {r['scheme']:>22} {r['us']:8.1f} us {r['GB_s']:7.0f} GB/s", flush=True)
-    print(f"[{time.perf_counter() - t0:.0f}s] kernels done", flush=True)
+def load_gemv_configs(path: str) -> None:
+    """Run the engine with the GEMV launch table of a benchmarks/quant_gemv.py sweep instead of the built-in one
+    (its W4A8 entries aside: the table is keyed by bits, group size and shape, and the A16 sweeps fill it)."""
+    with open(path) as f:
+        sweep = json.load(f)["configs"]
+    for fmt, table in sweep.items():
+        if fmt == "W4A8":
+            continue
+        for key, cfg in table.items():
+            GEMV_CONFIGS[tuple(int(v) for v in key.split(","))] = GemvConfig(**cfg)
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"quant-{result['date']}.json")
 
-    def save() -> None:  # after every section: a run cut short keeps what it measured
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-
-    save()
+def engine_section(args: argparse.Namespace, result: dict, save, t0: float) -> None:
     result["engine"] = {}
-    for shape in ("llama-3.1-8b", "llama-3.2-1b"):
+    for shape in args.shapes:
         vocab = SHAPES[shape]["vocab_size"]
         big = shape == "llama-3.1-8b"
         per_scheme = result["engine"][shape] = {}
-        for scheme in SCHEMES:
+        for scheme in args.schemes:
             folder = model_folder(args.workdir, shape, scheme)
             kwargs = dict(dtype="bfloat16", load_format="dummy", enable_prefix_caching=False)
             if big:
@@ -313,16 +288,16 @@ def main() -> None:
                 kwargs.update(max_model_len=2048, gpu_memory_utilization=0.6)
             llm = LLM(folder, **kwargs)
             r = per_scheme[scheme] = {"batch1": batch1_decode(llm, vocab, 128, 256)}
-            if big:
+            if big and "prefill" in args.parts:
                 r["prefill_4096"] = prefill(llm, vocab, 4096)
-            elif not args.skip_throughput:
+            elif not big and "throughput" in args.parts:
                 r["throughput"] = throughput(llm, vocab, args.num_requests)
             print(f"[{time.perf_counter() - t0:.0f}s] {shape} {scheme}: {json.dumps(r)}", flush=True)
             save()
             del llm
             free()
-        base = per_scheme["bf16"]
-        for r in per_scheme.values():
+        base = per_scheme.get("bf16")
+        for r in per_scheme.values() if base else ():
             r["batch1"]["speedup_vs_bf16"] = r["batch1"]["decode_tok_s"] / base["batch1"]["decode_tok_s"]
             if "prefill_4096" in r:
                 r["prefill_4096"]["speedup_vs_bf16"] = r["prefill_4096"]["tok_s"] / base["prefill_4096"]["tok_s"]
@@ -331,29 +306,78 @@ def main() -> None:
                     r["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
                 )
         save()
-        if shape == "llama-3.1-8b":
-            result["kv_cache"] = kv_cache_comparison(args.workdir, t0)
-            save()
 
-    print(f"\nwrote {path}\n")
+
+def print_engine_table(result: dict) -> None:
     print("| shape | scheme | batch-1 tok/s | vs bf16 | roofline | prefill 4096 tok/s | vs bf16 | throughput tok/s "
           "| vs bf16 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for shape, per_scheme in result["engine"].items():
         for scheme, r in per_scheme.items():
             b1, pf, tp = r["batch1"], r.get("prefill_4096"), r.get("throughput")
-            cells = [shape, scheme, f"{b1['decode_tok_s']:.0f}", f"{b1['speedup_vs_bf16']:.2f}x",
-                     f"{100 * b1['roofline_fraction']:.0f}%",
+            ratio = f"{b1['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in b1 else "-"
+            cells = [shape, scheme, f"{b1['decode_tok_s']:.0f}", ratio, f"{100 * b1['roofline_fraction']:.0f}%",
                      f"{pf['tok_s']:.0f}" if pf else "-", f"{pf['speedup_vs_bf16']:.2f}x" if pf else "-",
                      f"{tp['output_tok_s']:.0f}" if tp else "-",
                      f"{tp['speedup_vs_bf16']:.2f}x" if tp else "-"]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
-    auto, fp8 = result["kv_cache"]["auto"], result["kv_cache"]["fp8"]
-    print(f"\nKV cache (8B, bf16 weights): fp8 holds {result['kv_cache']['tokens_ratio']:.2f}x the tokens of bf16; "
-          f"decode at 32K: bf16 KV {auto['decode_tok_s']:.1f} tok/s, fp8 KV {fp8['decode_tok_s']:.1f} tok/s "
-          f"({result['kv_cache']['decode_32k_speedup']:.2f}x)")  # fmt: skip
-    bad = [r for r in result["kernel_checks"] if not r["rel_err"] < 2e-2]
-    print(f"kernel checks: {len(result['kernel_checks']) - len(bad)}/{len(result['kernel_checks'])} within 2e-2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--shapes", nargs="+", choices=["llama-3.1-8b", "llama-3.2-1b"],
+                        default=["llama-3.1-8b", "llama-3.2-1b"])  # fmt: skip
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=SCHEMES)
+    parser.add_argument("--gemv-configs", help="GEMV launch table from a benchmarks/quant_gemv.py JSON")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--workdir", default="/tmp/slimserve-quant-bench")
+    args = parser.parse_args()
+    if args.gemv_configs:
+        load_gemv_configs(args.gemv_configs)
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": datetime.date.today().isoformat(),
+    }
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"quant-{result['date']}.json")
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+    if "checks" in args.parts:
+        result["kernel_checks"] = kernel_checks()
+        for r in result["kernel_checks"]:
+            print(f"check {r['kernel']:>18} {str(r['shape']):>22}  rel_err {r['rel_err']:.2e}", flush=True)
+    if "gemv" in args.parts:
+        result["gemv"] = gemv_timings()
+        for r in result["gemv"]:
+            print(f"gemv {r['proj']:>8} {r['scheme']:>22} {r['us']:8.1f} us {r['GB_s']:7.0f} GB/s", flush=True)
+    print(f"[{time.perf_counter() - t0:.0f}s] kernels done", flush=True)
+    save()
+    if {"decode", "prefill", "throughput"} & set(args.parts):
+        engine_section(args, result, save, t0)
+    if "kv" in args.parts:
+        result["kv_cache"] = kv_cache_comparison(args.workdir, t0)
+        save()
+
+    print(f"\nwrote {path}\n")
+    if "engine" in result:
+        print_engine_table(result)
+    if "kv_cache" in result:
+        kv = result["kv_cache"]
+        print(f"\nKV cache (8B, bf16 weights): fp8 holds {kv['tokens_ratio']:.2f}x the tokens of bf16; decode at 32K: "
+              f"bf16 KV {kv['auto']['decode_tok_s']:.1f} tok/s, fp8 KV {kv['fp8']['decode_tok_s']:.1f} tok/s "
+              f"({kv['decode_32k_speedup']:.2f}x)")  # fmt: skip
+    checks = result.get("kernel_checks", [])
+    bad = [r for r in checks if not r["rel_err"] < 2e-2]
+    print(f"kernel checks: {len(checks) - len(bad)}/{len(checks)} within 2e-2")
 
 
 if __name__ == "__main__":

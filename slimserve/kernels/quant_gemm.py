@@ -14,6 +14,7 @@ twice over; beyond that, 64/128-row tiles without splitting, where the dot domin
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -40,8 +41,11 @@ if HAS_TRITON:
         k_per_split,
         stride_xm,
         stride_wn,
+        stride_wk,
         stride_sn,
+        stride_sg,
         stride_zn,
+        stride_zg,
         stride_xsm,
         stride_om,
         stride_os,
@@ -75,18 +79,19 @@ if HAS_TRITON:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)  # fmt: skip
             if W_FP8:
-                w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :],
+                w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
             else:
                 PER_WORD: tl.constexpr = 32 // BITS
                 offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
                 w_mask = n_mask[:, None] & (offs_w < tl.cdiv(K, PER_WORD))[None, :]
-                words = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_w[None, :], mask=w_mask, other=0)
+                words = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_w[None, :] * stride_wk, mask=w_mask, other=0)
                 shifts = tl.arange(0, PER_WORD) * BITS
                 codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
                 codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
             g = k0 // GROUP
-            s = tl.load(s_ptr + (offs_n // SCALE_BLOCK_N) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + (offs_n // SCALE_BLOCK_N) * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+            s = s.to(tl.float32)
             if A_FP8:
                 if W_FP8:
                     wq = w
@@ -100,7 +105,7 @@ if HAS_TRITON:
                     wf = w.to(tl.float32) * s[:, None]
                 else:
                     if HAS_ZERO:
-                        z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0.0).to(tl.float32)
+                        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0.0).to(tl.float32)
                         wf = (codes.to(tl.float32) - z[:, None]) * s[:, None]
                     else:
                         wf = (codes - (1 << (BITS - 1))).to(tl.float32) * s[:, None]
@@ -112,8 +117,156 @@ if HAS_TRITON:
         else:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
+    @triton.jit
+    def _gemv_tile(w_tile, s_tile, z_tile, word, end, n_mask, stride_wk, stride_sg, stride_zg, PER_WORD: tl.constexpr,
+                   GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):  # fmt: skip
+        """Words [rows, BLOCK_N] of input-word rows `word` (those at or past `end` read as 0), with the scales and
+        zero points (the scales again without zero points) of their groups, in float32."""
+        mask = (word < end)[:, None] & n_mask[None, :]
+        g = (word * PER_WORD) // GROUP
+        words = tl.load(w_tile + word[:, None] * stride_wk, mask=mask, other=0)
+        s = tl.load(s_tile + g[:, None] * stride_sg, mask=mask, other=0.0).to(tl.float32)
+        z = s
+        if HAS_ZERO:
+            z = tl.load(z_tile + g[:, None] * stride_zg, mask=mask, other=0.0).to(tl.float32)
+        return words, s, z
 
-GEMV_MAX_M = 16
+    @triton.jit
+    def _int_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        z_ptr,
+        xs_ptr,
+        part_ptr,
+        count_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        k_per_split,
+        num_splits,
+        magic,
+        stride_xm,
+        stride_wn,
+        stride_wk,
+        stride_sn,
+        stride_sg,
+        stride_zn,
+        stride_zg,
+        stride_xsm,
+        stride_om,
+        BITS: tl.constexpr,
+        HAS_ZERO: tl.constexpr,
+        A_SCALE: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        """One token (program axis 0) times BLOCK_N output columns over one K slice of input-major words."""
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        CODE_MASK: tl.constexpr = (1 << BITS) - 1
+        HIGH_SHIFT: tl.constexpr = 12 + 4 * (BITS // 8)  # 4 bits: the top code lands at bit 16; 8 bits: at 8
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.arange(0, WORDS)
+        # Elementwise partial sums, reduced over K once at the end.
+        acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        end = tl.cdiv(k_hi, PER_WORD)  # words past this row belong to the next slice
+        w_tile = w_ptr + offs_n[None, :] * stride_wn
+        s_tile = s_ptr + offs_n[None, :] * stride_sn
+        z_tile = z_ptr + offs_n[None, :] * stride_zn
+        words, s, z = _gemv_tile(w_tile, s_tile, z_tile, k_lo // PER_WORD + rows, end, n_mask, stride_wk, stride_sg,
+                                 stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            word = k0 // PER_WORD + rows
+            if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
+                next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk,
+                                                        stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+            # sum_j code_j * x_j and sum_j x_j per word. A code becomes a float without a conversion instruction:
+            # masked in place under the exponent of 2**23, its field reads 2**23 + code * 2**p exactly (p its bit
+            # offset, kept under 20 by shifting the word's high codes down once), and x_j carries the 2**-p.
+            # (`magic`, the bits of 2**23, comes as an argument: it then sits in one register and each mask in its
+            # instruction, one LOP3 per code.)
+            high = words >> HIGH_SHIFT
+            cx = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            sx = tl.zeros((WORDS,), dtype=tl.float32)
+            for j in tl.static_range(PER_WORD):
+                k = word * PER_WORD + j
+                if EVEN_K:
+                    xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+                else:
+                    xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+                sx += xj
+                if BITS * j + BITS <= 20:
+                    field = (words & (CODE_MASK << (BITS * j))) | magic
+                    xj = xj * (1.0 / (1 << (BITS * j)))
+                else:
+                    field = (high & (CODE_MASK << (BITS * j - HIGH_SHIFT))) | magic
+                    xj = xj * (1.0 / (1 << (BITS * j - HIGH_SHIFT)))
+                cx += (field.to(tl.float32, bitcast=True) - 8388608.0) * xj[:, None]
+            if HAS_ZERO:
+                acc += s * (cx - z * sx[:, None])
+            else:
+                acc += s * (cx - (1 << (BITS - 1)) * sx[:, None])
+            if PREFETCH:
+                words, s, z = next_words, next_s, next_z
+            else:
+                words, s, z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk, stride_sg,
+                                         stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+        y = tl.sum(acc, axis=0)
+        if A_SCALE:
+            y = y * tl.load(xs_ptr + m * stride_xsm).to(tl.float32)
+        dst = out_ptr + m * stride_om + offs_n
+        if SPLIT:
+            # Each slice leaves its partial sums; the last slice of this tile to arrive adds them up in slice
+            # order (deterministic) and resets the tile's counter for the next launch.
+            tl.store(part_ptr + (pid_k * M + m) * N + offs_n, y, mask=n_mask)
+            tl.debug_barrier()
+            tile = m * tl.num_programs(1) + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for i in range(num_splits):
+                    total += tl.load(part_ptr + (i * M + m) * N + offs_n, mask=n_mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(count_ptr + tile, 0)
+        else:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+FLOAT_2_POW_23_BITS = 0x4B000000
+GEMV_MAX_M = 16  # up to this many tokens the GEMM splits K like a GEMV (the weight bytes bound it)
+FMA_GEMV_MAX_M = 4  # up to this many, integer weights take the CUDA-core GEMV (no tensor-core padding to 16)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch of the integer GEMV: column tile, K tile, K slices (None: enough for `programs_per_sm` programs per
+    SM), warps, Triton's software-pipelining depth, and whether the kernel itself loads one tile ahead."""
+
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int | None = None
+    num_warps: int = 4
+    num_stages: int = 1
+    programs_per_sm: int = 4
+    prefetch: bool = True  # load the next K tile before the arithmetic of this one
+
+
+# Chosen per (bits, group size, N, K) from H100 measurements (benchmarks/quant_gemv.py); other shapes take the
+# default.
+GEMV_CONFIGS: dict[tuple[int, int, int, int], GemvConfig] = {}
 
 
 @functools.cache
@@ -129,6 +282,54 @@ def _largest_tile(limit: int, cap: int) -> int:
     return tile
 
 
+def int_gemv_supported(w: QuantWeight, x_scale: torch.Tensor | None) -> bool:
+    """Integer codes whose words each lie in one group, activations unscaled or scaled per token."""
+    per_word = 32 // w.bits
+    group_ok = w.group_size >= w.in_features or w.group_size % per_word == 0
+    return not w.is_fp8 and group_ok and (x_scale is None or x_scale.shape[1] == 1)
+
+
+def int_gemv_triton(
+    x: torch.Tensor,
+    w: QuantWeight,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """quant_gemm_ref's contract for a few tokens of integer weights (int_gemv_supported): a CUDA-core GEMV.
+    Input-major weights (QuantWeight.input_major) read best; output-major ones work too."""
+    m, k = x.shape
+    n = w.out_features
+    out_dtype = out_dtype or (torch.bfloat16 if x_scale is not None else x.dtype)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    assert x.stride(-1) == 1 and k == w.in_features and int_gemv_supported(w, x_scale)
+    group = min(w.group_size, k)
+    cfg = config or GEMV_CONFIGS.get((w.bits, group, n, k), GemvConfig())
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = cfg.split_k or triton.cdiv(cfg.programs_per_sm * _sm_count(x.device), m * n_blocks)
+    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
+    split = triton.cdiv(k_tiles, tiles_per_split)
+    partial, counters = out, w.counters
+    if split > 1:
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        if counters is None or counters.numel() < m * n_blocks:
+            counters = torch.zeros(m * n_blocks, dtype=torch.int32, device=x.device)
+    zeros = w.zeros if w.zeros is not None else w.scales
+    xs = x_scale if x_scale is not None else w.scales
+    _int_gemv_kernel[(m, n_blocks, split)](
+        x, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
+        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_23_BITS, x.stride(0), *w.qweight.stride(),
+        *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
+        BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
 def quant_gemm_triton(
     x: torch.Tensor,
     w: QuantWeight,
@@ -140,8 +341,13 @@ def quant_gemm_triton(
     block_k: int | None = None,
     split_k: int | None = None,
 ) -> torch.Tensor:
-    """quant_gemm_ref's contract; block sizes and the split count override the heuristics (tests, tuning)."""
+    """quant_gemm_ref's contract; block sizes and the split count override the heuristics (tests, tuning) and
+    keep the tensor-core kernel, which otherwise leaves up to FMA_GEMV_MAX_M tokens of integer weights to
+    int_gemv_triton."""
     m, k = x.shape
+    overridden = any(v is not None for v in (block_m, block_n, block_k, split_k))
+    if 0 < m <= FMA_GEMV_MAX_M and not overridden and int_gemv_supported(w, x_scale):
+        return int_gemv_triton(x, w, x_scale, out_dtype)
     n = w.out_features
     out_dtype = out_dtype or (torch.bfloat16 if x_scale is not None else x.dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -175,7 +381,7 @@ def quant_gemm_triton(
     xs = x_scale if x_scale is not None else w.scales
     _quant_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
         x, w.qweight, w.scales, zeros, xs, target, m, n, k, k_per_split,
-        x.stride(0), w.qweight.stride(0), w.scales.stride(0), zeros.stride(0), xs.stride(0),
+        x.stride(0), *w.qweight.stride(), *w.scales.stride(), *zeros.stride(), xs.stride(0),
         target.stride(-2), target.stride(0) if split_k > 1 else 0,
         BITS=w.bits, W_FP8=w.is_fp8, A_FP8=x_scale is not None, HAS_ZERO=w.zeros is not None,
         GROUP=min(w.group_size, k), SCALE_BLOCK_N=w.block_n, X_GROUP=x_group,

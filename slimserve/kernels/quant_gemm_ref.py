@@ -6,14 +6,16 @@ Weights are in one layout whatever checkpoint they came from (`QuantWeight`):
   and optionally one zero point (unsigned domain) per (output row, group of `group_size` inputs);
 - or FP8 E4M3 values [N, K] with one scale per (block_n rows, group_size inputs) (per-channel: block_n 1,
   group_size K; DeepSeek blocks: 128, 128).
-Dequantized weight: (code - zero) * scale; symmetric integer grids have zero 2**(bits-1).
+Dequantized weight: (code - zero) * scale; symmetric integer grids have zero 2**(bits-1). The tensors may be
+stored output-major (as checkpoints hold them) or input-major (`input_major`, what the decode GEMV reads best):
+the kernels take their strides.
 
 Activations are either the model's floats (A16) or FP8 values with a scale per (token, group of
 `x_group` inputs) (A8)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,10 +33,24 @@ class QuantWeight:
     out_features: int
     block_n: int = 1  # output rows per scale row
     perm: torch.Tensor | None = None  # act order: the kernel reads x[:, perm] (groups made contiguous)
+    counters: torch.Tensor | None = None  # int32 zeros: the decode GEMV's split-K arrival counts (left zero)
 
     @property
     def is_fp8(self) -> bool:
         return self.qweight.dtype == torch.float8_e4m3fn
+
+    def input_major(self) -> QuantWeight:
+        """The same weight with its words, scales and zero points stored input-major (the [N, ...] views of
+        [..., N] buffers): a decode GEMV then reads every K step of a tile as one contiguous run along N.
+        The logical shapes, and so every function here, do not change."""
+
+        def transposed(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.t().contiguous().t()
+
+        # One counter per (token, column tile): enough for 16 tokens and tiles of 16 columns or more.
+        counters = torch.zeros(self.out_features + 16, dtype=torch.int32, device=self.qweight.device)
+        return replace(self, qweight=transposed(self.qweight), scales=transposed(self.scales),
+                       zeros=transposed(self.zeros), counters=counters)  # fmt: skip
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:

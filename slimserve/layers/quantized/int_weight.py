@@ -1,6 +1,7 @@
 """The shared half of the integer weight-only layers (compressed-tensors, GPTQ, AWQ): each checkpoint layout
 is converted per shard into unsigned codes, scales and zero points, which `build` stacks into one
-QuantWeight (codes packed along the input dimension) for the W4A16/W8A16 kernel."""
+QuantWeight (codes packed along the input dimension) for the W4A16/W8A16 kernels, stored input-major: the
+decode GEMV then reads each K step of a column tile as one contiguous run (the checkpoint keeps its layout)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class IntWeightLinear(QuantLinearBase):
             in_features=k,
             out_features=self.out_features,
             perm=perm,
-        )
+        ).input_major()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
