@@ -4,15 +4,17 @@ configuration at the real projection shapes, against bf16 cuBLAS and the HBM lim
 For Llama-3.1-8B and Llama-3.2-1B projections (q|k|v, o, gate|up, down) and 1, 4 and 16 tokens:
   * every format (W4A16 g128, W4A16 asymmetric g32, W8A16 g128, W4A8 g128) through quant_gemm_triton's own
     choice against quant_gemm_ref (relative error, and every output element written);
-  * W4A16 g128: the CUDA-core GEMV (int_gemv_triton) over a grid of tiles, warps, prefetching and split-K
-    densities; the tensor-core kernel (the GEMM with K split) over its column tiles;
-  * the other formats over the best W4A16 configurations;
+  * the swept formats (W4A16 g128 by default): the CUDA-core GEMV (int_gemv_triton) over a grid of tiles,
+    warps, prefetching and split-K densities, one token;
+  * the other formats and token counts over the best configurations of the first swept format, and the
+    tensor-core kernel (the GEMM with K split) over its column tiles;
   * bf16 F.linear (cuBLAS) on the dense weight of the same shape.
 Times are CUDA-graph replays with a cold L2 (what a captured decode step sees). "of HBM" is the bytes a launch
 must move (packed weights, scales, zero points, activations, output) over 3.0 TB/s. The JSON keeps every
 measurement and, per format and shape, the fastest configuration (`configs`), the table quant_gemm.py takes.
 
 usage: python benchmarks/quant_gemv.py [--models llama-3.1-8b llama-3.2-1b] [--tokens 1 4 16] [--out DIR]
+           [--sweep-formats W4A16] [--formats ...] [--block-n ...] [--block-k ...] [--warps ...] [--programs-per-sm ...]
 """
 
 from __future__ import annotations
@@ -42,12 +44,7 @@ PROJECTIONS = {
 # name: (bits, group size, zero points, FP8 activations)
 FORMATS = {"W4A16": (4, 128, False, False), "W4A16-g32-asym": (4, 32, True, False),
            "W8A16": (8, 128, False, False), "W4A8": (4, 128, False, True)}  # fmt: skip
-SWEEP = [
-    GemvConfig(block_n=bn, block_k=bk, num_warps=warps, prefetch=prefetch, programs_per_sm=pps)
-    for bn, bk, warps, prefetch in itertools.product((64, 128, 256), (64, 128, 256), (4, 8), (True, False))
-    for pps in (2, 4, 8)
-]
-TOP = 8  # configurations carried from the W4A16 sweep to the other formats and token counts
+TOP = 8  # configurations carried from the first swept format to the other formats and token counts
 
 
 def random_weight(n: int, k: int, fmt: str) -> QuantWeight:
@@ -116,6 +113,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(PROJECTIONS), default=list(PROJECTIONS))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument(
+        "--sweep-formats",
+        nargs="+",
+        choices=list(FORMATS),
+        default=["W4A16"],
+        help="formats swept over every configuration (one token); the others take the best few",
+    )
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--block-n", nargs="+", type=int, default=[32, 64, 128, 256])
+    parser.add_argument("--block-k", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--programs-per-sm", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--tensor-core-block-n", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -142,25 +152,37 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
 
-    # 1. The sweep of the CUDA-core GEMV (W4A16 g128, one token) and the tensor-core kernel's tiles.
-    scores: dict[int, list[float]] = {i: [] for i in range(len(SWEEP))}
-    for model, proj, n, k in shapes:
-        w = random_weight(n, k, "W4A16")
-        x, _ = inputs(1, k, "W4A16")
-        times = [timer(lambda x=x, w=w, cfg=cfg: int_gemv_triton(x, w, config=cfg)) for cfg in SWEEP]
-        best = min(times)
-        for i, us in enumerate(times):
-            scores[i].append(us / best)
-        cfg = SWEEP[times.index(best)]
-        err = check("W4A16", n, k, 1, lambda x, w, xs, cfg=cfg: int_gemv_triton(x, w, xs, config=cfg), w)
-        record(model, proj, 1, "W4A16", "gemv", asdict(cfg), best, nbytes(w, 1), err)
-        configs.setdefault("W4A16", {})[f"4,128,{n},{k}"] = asdict(cfg)
-        save()
-        print(f"[{time.perf_counter() - t0:.0f}s] sweep {model} {proj}: best {best:.1f} us {cfg}", flush=True)
-    # Configurations ranked by their geometric-mean slowdown against each shape's best.
-    mean = {i: float(torch.tensor(s).log().mean().exp()) for i, s in scores.items()}
-    top = [SWEEP[i] for i in sorted(mean, key=mean.get)[:TOP]]
-    print("top configurations:", *(f"{mean[SWEEP.index(c)]:.3f} {c}" for c in top), sep="\n  ", flush=True)
+    # 1. The sweep of the CUDA-core GEMV, one token: every configuration, every shape, each swept format.
+    sweep = [
+        GemvConfig(block_n=bn, block_k=bk, num_warps=warps, prefetch=prefetch, programs_per_sm=pps)
+        for bn, bk, warps, prefetch in itertools.product(args.block_n, args.block_k, args.warps, (False, True))
+        for pps in args.programs_per_sm
+    ]
+    top: list[GemvConfig] = []
+    for fmt in args.sweep_formats:
+        bits, group = FORMATS[fmt][:2]
+        scores: dict[int, list[float]] = {i: [] for i in range(len(sweep))}
+        for model, proj, n, k in shapes:
+            w = random_weight(n, k, fmt)
+            x, xs = inputs(1, k, fmt)
+            times = []
+            for cfg in sweep:
+                us = timer(lambda x=x, xs=xs, w=w, cfg=cfg: int_gemv_triton(x, w, xs, config=cfg))
+                times.append(record(model, proj, 1, fmt, "sweep", asdict(cfg), us, nbytes(w, 1))["us"])
+            best = min(times)
+            for i, us in enumerate(times):
+                scores[i].append(us / best)
+            cfg = sweep[times.index(best)]
+            err = check(fmt, n, k, 1, lambda x, w, xs, cfg=cfg: int_gemv_triton(x, w, xs, config=cfg), w)
+            record(model, proj, 1, fmt, "gemv", asdict(cfg), best, nbytes(w, 1), err)
+            configs.setdefault(fmt, {})[f"{bits},{group},{n},{k}"] = asdict(cfg)
+            save()
+            print(f"[{time.perf_counter() - t0:.0f}s] sweep {fmt} {model} {proj}: best {best:.1f} us {cfg}", flush=True)
+        # Configurations ranked by their geometric-mean slowdown against each shape's best.
+        mean = {i: float(torch.tensor(s).log().mean().exp()) for i, s in scores.items()}
+        ranked = [sweep[i] for i in sorted(mean, key=mean.get)]
+        print(f"top {fmt}:", *(f"{mean[sweep.index(c)]:.3f} {c}" for c in ranked[:TOP]), sep="\n  ", flush=True)
+        top = top or ranked[:TOP]
 
     # 2. Every format and token count: the default routing, the top configurations, tensor-core tiles, bf16.
     summary = []
@@ -170,7 +192,7 @@ def main() -> None:
             x, _ = inputs(m, k, "W4A16")
             bf16_us = timer(lambda x=x, dense=dense: torch.nn.functional.linear(x, dense))
             record(model, proj, m, "bf16", "cublas", None, bf16_us, 2 * (n * k + m * (n + k)))
-            for fmt in FORMATS:
+            for fmt in args.formats:
                 w = random_weight(n, k, fmt)
                 x, xs = inputs(m, k, fmt)
                 nb = nbytes(w, m)
@@ -181,16 +203,17 @@ def main() -> None:
                 for cfg in top:
                     us = timer(lambda x=x, xs=xs, w=w, cfg=cfg: int_gemv_triton(x, w, xs, config=cfg))
                     gemv.append(record(model, proj, m, fmt, "gemv", asdict(cfg), us, nb))
-                for block_n in (32, 64, 128):
+                tensor_core = []
+                for block_n in args.tensor_core_block_n:
                     us = timer(lambda x=x, xs=xs, w=w, bn=block_n: quant_gemm_triton(x, w, xs, block_n=bn))
-                    record(model, proj, m, fmt, "tensor-core", {"block_n": block_n}, us, nb)
+                    tensor_core.append(record(model, proj, m, fmt, "tensor-core", {"block_n": block_n}, us, nb))
                 best = min(gemv, key=lambda r: r["us"])
                 cfg = GemvConfig(**best["config"])
                 best["rel_err"] = check(fmt, n, k, m, lambda x, w, xs, c=cfg: int_gemv_triton(x, w, xs, config=c), w)
-                if m == 1 and fmt != "W4A16":  # W4A16 keeps its full sweep's pick
+                if m == 1 and fmt not in args.sweep_formats:  # the swept formats keep their full sweep's pick
                     bits, group = FORMATS[fmt][:2]
                     configs.setdefault(fmt, {})[f"{bits},{group},{n},{k}"] = best["config"]
-                tc = min((r for r in rows[-3:]), key=lambda r: r["us"])
+                tc = min(tensor_core, key=lambda r: r["us"])
                 summary.append((model, proj, m, fmt, bf16_us, auto, best, tc))
             print(f"[{time.perf_counter() - t0:.0f}s] {model} {proj} m={m} done", flush=True)
             save()
