@@ -247,7 +247,7 @@ if HAS_TRITON:
 
 FLOAT_2_POW_23_BITS = 0x4B000000
 GEMV_MAX_M = 16  # up to this many tokens the GEMM splits K like a GEMV (the weight bytes bound it)
-FMA_GEMV_MAX_M = 3  # up to this many, integer weights take the CUDA-core GEMV (no tensor-core padding to 16)
+FMA_GEMV_MAX_M = 4  # up to this many, integer weights take the CUDA-core GEMV (no tensor-core padding to 16)
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class GemvConfig:
     """Launch of the integer GEMV: column tile, K tile, K slices (None: enough for `programs_per_sm` programs per
     SM), warps, Triton's software-pipelining depth, and whether the kernel itself loads one tile ahead."""
 
-    block_n: int = 64
+    block_n: int = 32
     block_k: int = 256
     split_k: int | None = None
     num_warps: int = 8
@@ -265,33 +265,34 @@ class GemvConfig:
 
 
 # The fastest launch per (bits, group size, N, K), measured on an H100 (benchmarks/quant_gemv.py: Llama-3.1-8B
-# and Llama-3.2-1B projections, one token; results/quant-gemv-2026-11-25.json); W4A8 takes the 4-bit rows.
-# Shapes not listed take the default, the best configuration across all of them.
+# and Llama-3.2-1B projections, one token; results/quant-gemv-2026-11-25*.json); W4A8 takes the 4-bit rows.
+# Shapes not listed take the default, the best configuration across all of them (6% slower than each shape's best,
+# geometric mean).
 GEMV_CONFIGS: dict[tuple[int, int, int, int], GemvConfig] = {
-    (4, 128, 6144, 4096): GemvConfig(num_warps=4, programs_per_sm=4),
-    (4, 128, 4096, 4096): GemvConfig(),
-    (4, 128, 28672, 4096): GemvConfig(prefetch=True),
-    (4, 128, 4096, 14336): GemvConfig(num_warps=4, programs_per_sm=4),
-    (4, 128, 3072, 2048): GemvConfig(prefetch=True),
-    (4, 128, 2048, 2048): GemvConfig(128, num_warps=4, programs_per_sm=8, prefetch=True),
-    (4, 128, 16384, 2048): GemvConfig(prefetch=True),
-    (4, 128, 2048, 8192): GemvConfig(),
-    (4, 32, 6144, 4096): GemvConfig(programs_per_sm=4),
-    (4, 32, 4096, 4096): GemvConfig(prefetch=True),
-    (4, 32, 28672, 4096): GemvConfig(prefetch=True),
-    (4, 32, 4096, 14336): GemvConfig(programs_per_sm=4, prefetch=True),
-    (4, 32, 3072, 2048): GemvConfig(num_warps=4, programs_per_sm=4),
-    (4, 32, 2048, 2048): GemvConfig(programs_per_sm=4),
-    (4, 32, 16384, 2048): GemvConfig(prefetch=True),
-    (4, 32, 2048, 8192): GemvConfig(prefetch=True),
-    (8, 128, 6144, 4096): GemvConfig(64, 128, num_warps=4, programs_per_sm=4, prefetch=True),
-    (8, 128, 4096, 4096): GemvConfig(),
-    (8, 128, 28672, 4096): GemvConfig(),
-    (8, 128, 4096, 14336): GemvConfig(prefetch=True),
-    (8, 128, 3072, 2048): GemvConfig(),
-    (8, 128, 2048, 2048): GemvConfig(num_warps=4, programs_per_sm=4),
-    (8, 128, 16384, 2048): GemvConfig(64, 128, num_warps=4, programs_per_sm=4),
-    (8, 128, 2048, 8192): GemvConfig(),
+    (4, 128, 6144, 4096): GemvConfig(block_k=512, num_warps=4, programs_per_sm=4),
+    (4, 128, 4096, 4096): GemvConfig(block_k=512, programs_per_sm=4),
+    (4, 128, 28672, 4096): GemvConfig(num_warps=4, programs_per_sm=4),
+    (4, 128, 4096, 14336): GemvConfig(block_k=512, num_warps=4, programs_per_sm=4),
+    (4, 128, 3072, 2048): GemvConfig(block_n=16, block_k=512, num_warps=4, programs_per_sm=1),
+    (4, 128, 2048, 2048): GemvConfig(block_k=512, prefetch=True),
+    (4, 128, 16384, 2048): GemvConfig(block_k=512, programs_per_sm=1, prefetch=True),
+    (4, 128, 2048, 8192): GemvConfig(block_k=512, prefetch=True),
+    (4, 32, 6144, 4096): GemvConfig(block_k=512, prefetch=True),
+    (4, 32, 4096, 4096): GemvConfig(block_k=512, prefetch=True),
+    (4, 32, 28672, 4096): GemvConfig(block_n=64, prefetch=True),
+    (4, 32, 4096, 14336): GemvConfig(block_n=64, programs_per_sm=4, prefetch=True),
+    (4, 32, 3072, 2048): GemvConfig(block_n=64, num_warps=4, programs_per_sm=4),
+    (4, 32, 2048, 2048): GemvConfig(block_n=16, block_k=512, num_warps=4, programs_per_sm=4, prefetch=True),
+    (4, 32, 16384, 2048): GemvConfig(block_k=512, programs_per_sm=1, prefetch=True),
+    (4, 32, 2048, 8192): GemvConfig(block_k=512, prefetch=True),
+    (8, 128, 6144, 4096): GemvConfig(block_k=512, prefetch=True),
+    (8, 128, 4096, 4096): GemvConfig(block_k=512, programs_per_sm=1),
+    (8, 128, 28672, 4096): GemvConfig(block_n=64),
+    (8, 128, 4096, 14336): GemvConfig(block_k=512, prefetch=True),
+    (8, 128, 3072, 2048): GemvConfig(block_n=16, block_k=512, programs_per_sm=1, prefetch=True),
+    (8, 128, 2048, 2048): GemvConfig(block_k=512, programs_per_sm=4, prefetch=True),
+    (8, 128, 16384, 2048): GemvConfig(programs_per_sm=1, prefetch=True),
+    (8, 128, 2048, 8192): GemvConfig(block_k=512),
 }
 
 
