@@ -148,9 +148,9 @@ def main() -> None:
                   command=" ".join([os.path.basename(sys.executable), *sys.argv]), date=date,
                   hbm_bytes_per_s=HBM_BYTES_PER_S, configs=configs, rows=rows)  # fmt: skip
 
-    def save() -> None:  # after each stage: a run cut short keeps what it measured
+    def save() -> None:  # after each stage: a run cut short keeps what it measured (compact: thousands of rows)
         with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, separators=(",", ":"))
 
     # 1. The sweep of the CUDA-core GEMV, one token: every configuration, every shape, each swept format.
     sweep = [
