@@ -1,6 +1,7 @@
-"""Quantized GEMMs in Triton, beside the plain-torch reference in quant_gemm_ref.py.
+"""Quantized GEMMs in Triton, beside the plain-torch reference in quant_gemm_ref.py (the same function for both
+kernels here).
 
-One kernel, its weight format and activation type chosen at compile time:
+The tensor-core kernel, its weight format and activation type chosen at compile time:
 - A16 (W4A16, W8A16, FP8 weights with bf16 activations): each K tile of packed codes is loaded once,
   unpacked in registers (shift and mask), dequantized with its group's scale (and zero point) and fed to a
   tensor-core dot with the activations; fp32 accumulation.
@@ -9,7 +10,13 @@ One kernel, its weight format and activation type chosen at compile time:
 
 Two launch shapes: up to 16 tokens (decode) the GEMM is a GEMV bound by the weight bytes, so programs take
 narrow column tiles and split K (partial sums in fp32, added by the host) until the grid fills the GPU
-twice over; beyond that, 64/128-row tiles without splitting, where the dot dominates."""
+twice over; beyond that, 64/128-row tiles without splitting, where the dot dominates.
+
+The CUDA-core GEMV (int_gemv_triton) takes a few tokens of integer weights (W4A16, W8A16, W4A8 with per-token
+activation scales), where padding to a 16-row dot wastes the tensor cores and unpacking dominates: input-major
+words (loaded 16 bytes per thread along N), each code turned into a float by one mask-or and one subtraction
+(no conversion instruction), scales and zero points applied once per word, split K finished by the last slice
+to arrive (no second kernel), and a launch table measured per shape (GEMV_CONFIGS)."""
 
 from __future__ import annotations
 
@@ -247,7 +254,11 @@ if HAS_TRITON:
 
 FLOAT_2_POW_23_BITS = 0x4B000000
 GEMV_MAX_M = 16  # up to this many tokens the GEMM splits K like a GEMV (the weight bytes bound it)
-FMA_GEMV_MAX_M = 4  # up to this many, integer weights take the CUDA-core GEMV (no tensor-core padding to 16)
+# Up to this many tokens, integer weights of these bits take the CUDA-core GEMV rather than the tensor-core kernel
+# (which pads to 16 tokens). H100, results/quant-gemv-2026-11-25*.json: at 4 bits the GEMV wins up to 3 tokens
+# and ties at 4, where it is twice as fast with groups of 32 (the tensor-core kernel's K tile shrinks to the
+# group); at 8 bits it wins up to 3 tokens and loses at 4.
+FMA_GEMV_MAX_M = {4: 4, 8: 3}
 
 
 @dataclass(frozen=True)
@@ -369,11 +380,11 @@ def quant_gemm_triton(
     split_k: int | None = None,
 ) -> torch.Tensor:
     """quant_gemm_ref's contract; block sizes and the split count override the heuristics (tests, tuning) and
-    keep the tensor-core kernel, which otherwise leaves up to FMA_GEMV_MAX_M tokens of integer weights to
+    keep the tensor-core kernel, which otherwise leaves a few tokens of integer weights (FMA_GEMV_MAX_M) to
     int_gemv_triton."""
     m, k = x.shape
     overridden = any(v is not None for v in (block_m, block_n, block_k, split_k))
-    if 0 < m <= FMA_GEMV_MAX_M and not overridden and int_gemv_supported(w, x_scale):
+    if 0 < m <= FMA_GEMV_MAX_M.get(w.bits, 0) and not overridden and int_gemv_supported(w, x_scale):
         return int_gemv_triton(x, w, x_scale, out_dtype)
     n = w.out_features
     out_dtype = out_dtype or (torch.bfloat16 if x_scale is not None else x.dtype)
