@@ -81,34 +81,35 @@ if HAS_TRITON:
             o1 = (a * cos - b * sin).to(dtype)
             o2 = (b * cos + a * sin).to(dtype)
             if h < NUM_HEADS:
-                dst = q_out_ptr + t * stride_q_out_t + h * (2 * HALF)
-                tl.store(dst + offs, o1, mask=mask)
-                tl.store(dst + HALF + offs, o2, mask=mask)
+                # Each branch names its own pointer: a name bound in both would need one type in both.
+                q_dst = q_out_ptr + t * stride_q_out_t + h * (2 * HALF)
+                tl.store(q_dst + offs, o1, mask=mask)
+                tl.store(q_dst + HALF + offs, o2, mask=mask)
             else:
-                dst = k_cache_ptr + kv_row + (h - NUM_HEADS) * (2 * HALF)
-                cache_ty = k_cache_ptr.dtype.element_ty
+                k_dst = k_cache_ptr + kv_row + (h - NUM_HEADS) * (2 * HALF)
+                k_ty = k_cache_ptr.dtype.element_ty
                 # No variable changes type inside a runtime branch (the compiler refuses that).
                 if KV_QUANT != 0:
                     ks = tl.load(k_scale_ptr + h - NUM_HEADS)
-                    tl.store(dst + offs, _quantize_for_cache(o1, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                    tl.store(k_dst + offs, _quantize_for_cache(o1, ks, KV_QUANT, ON_GRID).to(k_ty), mask=cache_mask)
                     tl.store(
-                        dst + HALF + offs, _quantize_for_cache(o2, ks, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask
+                        k_dst + HALF + offs, _quantize_for_cache(o2, ks, KV_QUANT, ON_GRID).to(k_ty), mask=cache_mask
                     )
                 else:
-                    tl.store(dst + offs, o1.to(cache_ty), mask=cache_mask)
-                    tl.store(dst + HALF + offs, o2.to(cache_ty), mask=cache_mask)
+                    tl.store(k_dst + offs, o1.to(k_ty), mask=cache_mask)
+                    tl.store(k_dst + HALF + offs, o2.to(k_ty), mask=cache_mask)
         else:
-            dst = v_cache_ptr + kv_row + (h - NUM_HEADS - NUM_KV_HEADS) * (2 * HALF)
-            cache_ty = v_cache_ptr.dtype.element_ty
+            v_dst = v_cache_ptr + kv_row + (h - NUM_HEADS - NUM_KV_HEADS) * (2 * HALF)
+            v_ty = v_cache_ptr.dtype.element_ty
             if KV_QUANT != 0:
                 vs = tl.load(v_scale_ptr + h - NUM_HEADS - NUM_KV_HEADS)
-                tl.store(dst + offs, _quantize_for_cache(x1, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask)
+                tl.store(v_dst + offs, _quantize_for_cache(x1, vs, KV_QUANT, ON_GRID).to(v_ty), mask=cache_mask)
                 tl.store(
-                    dst + HALF + offs, _quantize_for_cache(x2, vs, KV_QUANT, ON_GRID).to(cache_ty), mask=cache_mask
+                    v_dst + HALF + offs, _quantize_for_cache(x2, vs, KV_QUANT, ON_GRID).to(v_ty), mask=cache_mask
                 )
             else:
-                tl.store(dst + offs, x1.to(cache_ty), mask=cache_mask)
-                tl.store(dst + HALF + offs, x2.to(cache_ty), mask=cache_mask)
+                tl.store(v_dst + offs, x1.to(v_ty), mask=cache_mask)
+                tl.store(v_dst + HALF + offs, x2.to(v_ty), mask=cache_mask)
 
 
 def rope_and_store_triton(
