@@ -5,6 +5,11 @@ so every M-block of the sorted list belongs to one expert. Two launches of one g
 all experts: gate|up with the SiLU gate fused into its epilogue, and down with the routing weight fused
 into its epilogue; a sum over the k pairs of each token finishes. Every size is fixed by the shapes
 alone (no host sync), so the whole layer runs inside a CUDA graph.
+
+FP8 expert weights are loaded as FP8 (half the bytes of bf16) and their per-output-channel scales applied
+in the epilogue. Weight-only, each tile is widened to the activations' dtype for the dot; with FP8
+activations (quantized per token, or per pair with each expert's static scale, before each GEMM) the dot
+takes FP8 on both sides (the FP8 tensor cores on Hopper) and the epilogue also applies the row's scale.
 """
 
 from dataclasses import dataclass
@@ -12,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
-from slimserve.kernels.fused_moe_ref import fused_moe_ref
+from slimserve.kernels.fp8_quant import quantize_fp8
+from slimserve.kernels.fp8_quant_ref import FP8_MAX
+from slimserve.kernels.fused_moe_ref import Fp8ExpertScales, fused_moe_ref
 
 if HAS_TRITON:
     import triton
@@ -20,7 +27,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        if UPCAST:  # the CPU interpreter keeps bf16 as raw integers and cannot multiply them
+        if UPCAST:  # the CPU interpreter keeps bf16 and FP8 as raw integers and cannot multiply them
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if IEEE:
@@ -35,6 +42,8 @@ if HAS_TRITON:
         weights_ptr,
         sorted_pairs_ptr,
         block_expert_ptr,
+        a_scale_ptr,  # A_FP8: one fp32 scale per row of A
+        w_scale_ptr,  # W_FP8: one fp32 scale per (expert, output channel), gate|up channels for GATED
         num_pairs,
         N,
         K,
@@ -42,9 +51,12 @@ if HAS_TRITON:
         stride_we,
         stride_wn,
         stride_om,
+        stride_wse,
         A_ROWS_PER_PAIR: tl.constexpr,  # top_k when A holds one row per token, 1 when one row per pair
         GATED: tl.constexpr,  # W holds gate rows [0, N) and up rows [N, 2N): out = silu(a W_g^T) * (a W_u^T)
         APPLY_WEIGHT: tl.constexpr,  # scale each output row by its pair's routing weight
+        A_FP8: tl.constexpr,
+        W_FP8: tl.constexpr,
         IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products rather than tf32
         UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -71,12 +83,26 @@ if HAS_TRITON:
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if W_FP8 and not A_FP8 and not UPCAST:  # weight-only: widen FP8 (exact) to the activations' dtype
+                w = w.to(a.dtype)
             acc = _dot(a, w, acc, IEEE, UPCAST)
             if GATED:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if W_FP8 and not A_FP8 and not UPCAST:
+                    w_up = w_up.to(a.dtype)
                 acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if W_FP8:  # per-output-channel weight scales, then the row's activation scale
+            ws_ptrs = w_scale_ptr + expert * stride_wse + offs_n
+            acc = acc * tl.load(ws_ptrs, mask=n_mask, other=0.0)[None, :]
+            if GATED:
+                acc_up = acc_up * tl.load(ws_ptrs + N, mask=n_mask, other=0.0)[None, :]
+        if A_FP8:
+            a_s = tl.load(a_scale_ptr + row, mask=valid, other=0.0)[:, None]
+            acc = acc * a_s
+            if GATED:
+                acc_up = acc_up * a_s
         if GATED:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up
         if APPLY_WEIGHT:
@@ -143,10 +169,13 @@ def _grouped_gemm(
     gated: bool,
     block_n: int,
     block_k: int,
+    a_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
 ) -> None:
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
     grid = (blocks.block_expert.numel(), triton.cdiv(n, block_n))
+    a_fp8, w_fp8 = a_scale is not None, w_scale is not None
     _grouped_gemm_kernel[grid](
         a,
         w,
@@ -154,6 +183,8 @@ def _grouped_gemm(
         weights,
         blocks.sorted_pairs,
         blocks.block_expert,
+        a_scale if a_fp8 else weights,  # unread without FP8 activations
+        w_scale if w_fp8 else weights,  # unread without FP8 weights
         weights.numel(),
         n,
         k,
@@ -161,17 +192,43 @@ def _grouped_gemm(
         w.stride(0),
         w.stride(1),
         out.stride(0),
+        w_scale.stride(0) if w_fp8 else 0,
         A_ROWS_PER_PAIR=a_rows_per_pair,
         GATED=gated,
         APPLY_WEIGHT=not gated,
+        A_FP8=a_fp8,
+        W_FP8=w_fp8,
         IEEE=a.dtype == torch.float32,
-        UPCAST=INTERPRETED and a.dtype == torch.bfloat16,
+        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         BLOCK_M=blocks.block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=4,
         num_stages=3,
     )
+
+
+def _expert_inputs(
+    a: torch.Tensor,
+    bank: str,
+    scales: Fp8ExpertScales | None,
+    rows_per_pair: int,
+    topk_ids: torch.Tensor,
+    expert_start: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """What a GEMM reads as A: (rows, per-row scales or None, A rows per pair). Dynamic activations are
+    quantized per row; static ones per pair, each with its expert's scale (so one row per pair)."""
+    if scales is None or scales.act is None:
+        return a, None, rows_per_pair
+    if scales.act == "dynamic":
+        q, s = quantize_fp8(a)
+        return q, s.reshape(-1), rows_per_pair
+    static = scales.input_scale(bank)
+    local = (topk_ids.reshape(-1).long() - expert_start).clamp(0, static.numel() - 1)  # others are never read
+    s = static.float()[local]
+    rows = a if rows_per_pair == 1 else a.repeat_interleave(rows_per_pair, dim=0)
+    q = (rows.float() / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s, 1
 
 
 def fused_moe_triton(
@@ -182,6 +239,7 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     expert_start: int = 0,
     num_experts: int | None = None,
+    scales: Fp8ExpertScales | None = None,
 ) -> torch.Tensor:
     """Same contract as fused_moe_ref: [T, H] summed over each token's experts held here. num_experts is
     the total over all ranks (None: this bank holds them all)."""
@@ -194,12 +252,16 @@ def fused_moe_triton(
     block_m, block_n, block_k = _tile_sizes(num_pairs, num_local, hidden)
     blocks = align_pairs_to_experts(topk_ids, num_local, expert_start, block_m)
     weights = topk_weights.reshape(-1).contiguous()
+    w13_scale = None if scales is None else scales.w13_scale
+    w2_scale = None if scales is None else scales.w2_scale
     act = torch.empty(num_pairs, two_i // 2, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, act, blocks, weights, top_k, True, block_n, block_k)
+    a, a_scale, rows = _expert_inputs(x, "w13", scales, top_k, topk_ids, expert_start)
+    _grouped_gemm(a, w13, act, blocks, weights, rows, True, block_n, block_k, a_scale, w13_scale)
     # Pairs routed to experts held elsewhere are never written: they must read as zeros in the sum.
     alloc = torch.empty if num_experts in (None, num_local) else torch.zeros
     per_pair = alloc(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, per_pair, blocks, weights, 1, False, block_n, block_k)
+    a, a_scale, _ = _expert_inputs(act, "w2", scales, 1, topk_ids, expert_start)
+    _grouped_gemm(a, w2, per_pair, blocks, weights, 1, False, block_n, block_k, a_scale, w2_scale)
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
@@ -211,7 +273,8 @@ def fused_moe(
     topk_ids: torch.Tensor,
     expert_start: int = 0,
     num_experts: int | None = None,
+    scales: Fp8ExpertScales | None = None,
 ) -> torch.Tensor:
     if use_triton(x):
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start, num_experts)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, expert_start)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start, num_experts, scales)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, expert_start, scales)
