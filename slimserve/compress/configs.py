@@ -229,6 +229,19 @@ class Float8StaticActivationFloat8Weight(QuantConfig):
 
 
 @dataclass
+class Float8WeightOnly(QuantConfig):
+    """FP8 weights, activations left in the model's dtype (W8A16-FP8): half the weight bytes of bf16 with no
+    rounding of activations; vLLM and slimserve dequantize inside their GEMMs."""
+
+    weight_granularity: str = "channel"  # "channel" or "tensor"
+
+    def weight_args(self) -> QuantArgs:
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise QuantConfigError(f"weight granularity must be 'channel' or 'tensor', not {self.weight_granularity!r}")
+        return QuantArgs(8, "float", True, self.weight_granularity)
+
+
+@dataclass
 class Int4WeightFloat8Activation(QuantConfig):
     """W4A8: INT4 group weights (packed) with dynamic per-token FP8 activations."""
 
@@ -266,6 +279,7 @@ PRESETS: dict[str, tuple[type[QuantConfig], dict[str, Any]]] = {
     "FP8_DYNAMIC": (Float8DynamicActivationFloat8Weight, {"granularity": "channel"}),
     "FP8_STATIC": (Float8StaticActivationFloat8Weight, {}),
     "FP8_BLOCK": (Float8DynamicActivationFloat8Weight, {"granularity": "block"}),
+    "FP8_WEIGHT_ONLY": (Float8WeightOnly, {}),
     "W4A8": (Int4WeightFloat8Activation, {"group_size": 128}),
     "W4A4": (Int4DynamicActivationInt4Weight, {"group_size": 128}),
     "W3A16": (IntxWeightOnly, {"bits": 3, "group_size": 64}),

@@ -9,6 +9,8 @@ dispatcher sends every (token, expert) pair to the rank holding that expert (all
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ from slimserve.distributed.expert_parallel import ExpertParallelDispatcher
 from slimserve.distributed.state import ParallelState, split_evenly
 from slimserve.errors import CheckpointError
 from slimserve.kernels.fused_moe import fused_moe
+from slimserve.kernels.fused_moe_ref import Fp8ExpertScales
 from slimserve.layers.linear import Linear
 
 # Hugging Face per-expert projection names (Qwen, then Mixtral's w1/w3/w2) -> (bank, shard).
@@ -61,6 +64,7 @@ class FusedExperts(nn.Module):
         num_local: int | None = None,
         slice_index: int = 0,
         num_slices: int = 1,
+        weight_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         num_local = num_experts - expert_start if num_local is None else num_local
@@ -71,21 +75,25 @@ class FusedExperts(nn.Module):
         self.num_local = num_local
         self.intermediate_size = intermediate_size
         self.slice_index, self.num_slices = slice_index, num_slices
-        self.w13_weight = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size), requires_grad=False)
+        self.scales: Fp8ExpertScales | None = None  # FP8 banks set it once loaded
+        self.hidden_size = hidden_size
+        w13 = torch.empty(num_local, 2 * intermediate_size, hidden_size, dtype=weight_dtype)
+        self.w13_weight = nn.Parameter(w13, requires_grad=False)
+        w2 = torch.empty(num_local, hidden_size, intermediate_size, dtype=weight_dtype)
+        self.w2_weight = nn.Parameter(w2, requires_grad=False)
 
     def holds(self, expert: int) -> bool:
         return self.expert_start <= expert < self.expert_start + self.num_local
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(
-            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_start, self.num_experts
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_start, self.num_experts, self.scales
         )
 
     def run_rows(self, hidden: torch.Tensor, local_expert_ids: torch.Tensor) -> torch.Tensor:
         """Row i through held expert local_expert_ids[i], unweighted (what the dispatcher hands a rank)."""
         ones = torch.ones(hidden.shape[0], 1, dtype=torch.float32, device=hidden.device)
-        return fused_moe(hidden, self.w13_weight, self.w2_weight, ones, local_expert_ids[:, None])
+        return fused_moe(hidden, self.w13_weight, self.w2_weight, ones, local_expert_ids[:, None], scales=self.scales)
 
     def _slice(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's slice of a full-width intermediate dimension (the whole tensor with one slice)."""
@@ -102,14 +110,24 @@ class FusedExperts(nn.Module):
             keys += [f"w13_weight#{e}.0", f"w13_weight#{e}.1", f"w2_weight#{e}.0"]
         return keys
 
-    def load_expert(self, name: str, expert: int, projection: str, tensor: torch.Tensor) -> str | None:
-        """Copy one Hugging Face per-expert matrix; returns its shard key, or None for experts held elsewhere."""
+    def tensor_names(self) -> tuple[str, ...]:
+        """What the checkpoint stores per expert projection."""
+        return ("weight",)
+
+    def local_index(self, name: str, expert: int) -> int | None:
+        """Where a global expert sits in this bank (None: held elsewhere)."""
         if not 0 <= expert < self.num_experts:
             raise CheckpointError(f"{name}: expert {expert} beyond num_experts={self.num_experts}")
-        if not self.holds(expert):
+        return expert - self.expert_start if self.holds(expert) else None
+
+    def load_expert(self, name: str, expert: int, projection: str, tensor: torch.Tensor, param: str = "weight"):
+        """Copy one Hugging Face per-expert tensor (`param` of the projection); returns its shard key, or None
+        for experts held elsewhere."""
+        local = self.local_index(name, expert)
+        if local is None:
             return None
         bank, shard = EXPERT_PROJECTIONS[projection]
-        target = getattr(self, bank).data[expert - self.expert_start]
+        target = getattr(self, bank).data[local]
         if bank == "w13_weight":
             target = target.narrow(0, shard * self.intermediate_size, self.intermediate_size)
         _copy_checked(name, target, self._slice(tensor, dim=0 if bank == "w13_weight" else 1))
@@ -155,7 +173,10 @@ class SparseMoeBlock(nn.Module):
         round_weights: bool,
         shared_expert: nn.Module | None = None,
         parallel: ParallelState | None = None,
+        experts_class: Callable[..., FusedExperts] = FusedExperts,
     ) -> None:
+        """experts_class builds the expert bank from FusedExperts' arguments (FP8 banks: a partial of
+        Fp8FusedExperts with the checkpoint's scheme)."""
         super().__init__()
         parallel = parallel or ParallelState()
         self.top_k = top_k
@@ -169,10 +190,10 @@ class SparseMoeBlock(nn.Module):
         if parallel.is_parallel and parallel.expert_parallel:
             self.dispatcher = ExpertParallelDispatcher(num_experts, parallel)
             start, held = split_evenly(num_experts, parallel, "num_experts")
-            self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, start, held)
+            self.experts = experts_class(num_experts, hidden_size, intermediate_size, start, held)
         else:
             _, width = split_evenly(intermediate_size, parallel, "moe_intermediate_size")
-            self.experts = FusedExperts(
+            self.experts = experts_class(
                 num_experts, hidden_size, width, slice_index=parallel.rank, num_slices=parallel.world_size
             )
         self.shared_expert = shared_expert

@@ -205,12 +205,13 @@ class LlamaForCausalLM(nn.Module):
         )
         # Quantized checkpoints choose each projection's layer class by its Hugging Face module name.
         self.quant = QuantizationConfig.from_model_config(cfg.raw)
-        if self.quant is not None and type(self).make_mlp is not LlamaForCausalLM.make_mlp:
-            raise CheckpointError(f"quantized {cfg.architecture} checkpoints are not supported (dense families only)")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, self.parallel, rotary, self._mlp(cfg, i), self.quant, f"model.layers.{i}")
+            LlamaDecoderLayer(
+                cfg, self.parallel, rotary, self.make_mlp(cfg, self.parallel, i, self.quant), self.quant,
+                f"model.layers.{i}",
+            )
             for i in range(cfg.num_hidden_layers)
-        )
+        )  # fmt: skip
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
@@ -227,15 +228,12 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def _mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
-        if self.quant is None:
-            return self.make_mlp(cfg, self.parallel, layer_index)
-        return LlamaMLP(cfg, self.parallel, quant=self.quant, prefix=f"model.layers.{layer_index}.mlp")
-
     @staticmethod
-    def make_mlp(cfg: ModelConfig, parallel: ParallelState, layer_index: int) -> nn.Module:
+    def make_mlp(
+        cfg: ModelConfig, parallel: ParallelState, layer_index: int, quant: QuantizationConfig | None = None
+    ) -> nn.Module:
         """The feed-forward block of layer `layer_index` (families with experts override it)."""
-        return LlamaMLP(cfg, parallel)
+        return LlamaMLP(cfg, parallel, quant=quant, prefix=f"model.layers.{layer_index}.mlp")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank."""
@@ -263,7 +261,7 @@ class LlamaForCausalLM(nn.Module):
         if expected:
             raise CheckpointError(f"checkpoint lacks {len(expected)} tensors, e.g. {sorted(expected)[0]}")
         for module in self.modules():
-            if isinstance(module, QuantLinearBase):
+            if hasattr(module, "finish_loading"):  # quantized layers and FP8 expert banks convert once loaded
                 module.finish_loading()
 
     def _load_one(self, name: str, tensor: torch.Tensor) -> str | list[str] | None:

@@ -1,0 +1,113 @@
+"""FP8 E4M3 expert banks: compressed-tensors float-quantized MoE checkpoints (per-expert `weight` in FP8 with a
+`weight_scale` per output channel or per tensor, and an `input_scale` when activations are static), as
+`slimserve compress` and llm-compressor write them. The banks stay FP8 in memory; the fused MoE kernel
+scales each output channel in its epilogue and quantizes the experts' inputs as the scheme says."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimserve.errors import CheckpointError
+from slimserve.kernels.fused_moe_ref import Fp8ExpertScales
+from slimserve.layers.moe import EXPERT_PROJECTIONS, FusedExperts
+from slimserve.layers.quantized.fp8 import random_fp8
+from slimserve.layers.quantized.scheme import LinearScheme
+
+
+def check_expert_scheme(scheme: LinearScheme) -> None:
+    """One line for expert formats the fused kernel does not run."""
+    act = scheme.act
+    fp8_acts = act is None or (act.type == "float" and act.group_size is None)
+    if scheme.type != "float" or scheme.strategy not in ("channel", "tensor") or not fp8_acts:
+        what = f"{scheme.layout} {scheme.type}{scheme.bits}/{scheme.strategy}"
+        what += "" if act is None else f" with {act.type}8 activations"
+        raise CheckpointError(
+            f"quantized MoE experts in {what} are not supported; experts run FP8 weights per channel or per tensor, "
+            "weight-only or with FP8 activations per token or static"
+        )
+
+
+class Fp8FusedExperts(FusedExperts):
+    """FusedExperts over FP8 banks with fp32 scales per (expert, output channel)."""
+
+    def __init__(self, scheme: LinearScheme, *args, **kwargs) -> None:
+        check_expert_scheme(scheme)
+        super().__init__(*args, weight_dtype=torch.float8_e4m3fn, **kwargs)
+        self.scheme = scheme
+        self.act = None if scheme.act is None else "dynamic" if scheme.act.dynamic else "static"
+        e, two_i, h = self.w13_weight.shape
+        f32 = dict(dtype=torch.float32)
+        self.w13_weight_scale = nn.Parameter(torch.empty(e, two_i, **f32), requires_grad=False)
+        self.w2_weight_scale = nn.Parameter(torch.empty(e, h, **f32), requires_grad=False)
+        if self.act == "static":  # one scale per expert and projection; gate and up share their input
+            self.w13_input_scale = nn.Parameter(torch.empty(e, 2, **f32), requires_grad=False)
+            self.w2_input_scale = nn.Parameter(torch.empty(e, **f32), requires_grad=False)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale") + (("input_scale",) if self.act == "static" else ())
+
+    def shard_keys(self) -> list[str]:
+        keys = super().shard_keys()  # {bank}_weight#{expert}.{shard}
+        extra = [k.replace("_weight#", f"_{t}#") for k in keys for t in self.tensor_names()[1:]]
+        return keys + extra
+
+    def load_expert(self, name: str, expert: int, projection: str, tensor: torch.Tensor, param: str = "weight"):
+        if param == "weight":
+            if tensor.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(f"{name}: dtype {tensor.dtype}, expected float8_e4m3fn")
+            return super().load_expert(name, expert, projection, tensor)
+        local = self.local_index(name, expert)
+        if local is None:
+            return None
+        bank, shard = EXPERT_PROJECTIONS[projection]
+        prefix = bank.removesuffix("_weight")
+        values = tensor.float().reshape(-1)
+        if param == "input_scale":
+            if values.numel() != 1:
+                raise CheckpointError(f"{name}: {values.numel()} values, expected one static input scale")
+            target = self.w13_input_scale.data[local, shard] if prefix == "w13" else self.w2_input_scale.data[local]
+            target.fill_(values[0])
+            return f"{prefix}_input_scale#{expert}.{shard}"
+        target = getattr(self, f"{prefix}_weight_scale").data[local]
+        if prefix == "w13":  # this shard's rows (gate or up), and under tensor parallelism this rank's slice
+            target = target.narrow(0, shard * self.intermediate_size, self.intermediate_size)
+            values = values if values.numel() == 1 else self._slice(values, dim=0)
+        if values.numel() == 1:  # a per-tensor scale: the same on every row
+            target.fill_(values[0])
+        elif values.numel() == target.numel():
+            target.copy_(values)
+        else:
+            raise CheckpointError(f"{name}: {values.numel()} scales, expected 1 or {target.numel()}")
+        return f"{prefix}_weight_scale#{expert}.{shard}"
+
+    def load_bank(self, name: str, bank: str, tensor: torch.Tensor) -> list[str]:
+        raise CheckpointError(f"{name}: stacked expert tensors in an FP8 checkpoint; expected one tensor per expert")
+
+    def finish_loading(self) -> None:
+        static = self.act == "static"
+        self.scales = Fp8ExpertScales(
+            self.w13_weight_scale.data,
+            self.w2_weight_scale.data,
+            self.act,
+            # Gate and up read the same input: the larger scale clips nothing either would have clipped.
+            self.w13_input_scale.data.amax(dim=1).contiguous() if static else None,
+            self.w2_input_scale.data if static else None,
+        )
+
+    def load_dummy(self, generator: torch.Generator) -> None:
+        """Random FP8 banks and scales (load_format="dummy" speed runs)."""
+        dev = self.w13_weight.device
+        for bank in (self.w13_weight, self.w2_weight):
+            rows = random_fp8(bank.shape[0] * bank.shape[1], bank.shape[2], generator, dev)
+            bank.data.copy_(rows.view(bank.shape))
+        for scale in (self.w13_weight_scale, self.w2_weight_scale):
+            scale.data.copy_(torch.rand(scale.shape, generator=generator, device=dev) * 1e-4 + 1e-4)
+        if self.act == "static":
+            self.w13_input_scale.data.fill_(0.05)
+            self.w2_input_scale.data.fill_(0.05)
+        self.finish_loading()
+
+    def extra_repr(self) -> str:
+        act = "weight-only" if self.act is None else f"{self.act} FP8 activations"
+        return f"experts {self.expert_start}..{self.expert_start + self.num_local - 1}, FP8/{self.scheme.strategy}, {act}"
