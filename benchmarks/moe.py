@@ -11,7 +11,12 @@ Three parts:
 transformers runs its grouped_mm and batched_mm expert implementations, dynamic and static cache; the
 fastest counts.
 
-usage: python benchmarks/moe.py [--layers 8] [--skip-hf]
+FP8 experts in the same run: the layer with FP8 banks (per-channel scales), weight-only and with dynamic
+per-token FP8 activations (its bytes limit counts one byte per expert weight), and the engine's batch-1
+decode and throughput with FP8 experts (compressed-tensors FP8 on the expert projections only, random FP8
+weights drawn at load, `load_format="dummy"`) beside the bf16 experts.
+
+usage: python benchmarks/moe.py [--layers 8] [--skip-hf] [--fp8 dynamic|weight-only|none]
        python benchmarks/moe.py --tiny   (a tiny shape, to check the script on any machine)
 """
 
@@ -23,6 +28,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -33,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from slimserve import LLM
 from slimserve.checkpoint.random_model import save_random_model
 from slimserve.kernels.fused_moe import fused_moe
-from slimserve.kernels.fused_moe_ref import fused_moe_ref
+from slimserve.kernels.fused_moe_ref import Fp8ExpertScales, fused_moe_ref
 from slimserve.layers.moe import select_experts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,32 +73,36 @@ TINY = QWEN3_30B_A3B | dict(
 )
 
 
-def decode_bytes_per_step(c, context_len: int) -> float:
-    """Bytes a batch-1 decode step must read, bf16: attention, norms, router and the top-k experts of each
-    layer, the LM head, and the KV cache of the context."""
+def decode_bytes_per_step(c, context_len: int, expert_bytes: float = 2.0) -> float:
+    """Bytes a batch-1 decode step must read, bf16 (experts at `expert_bytes` per weight plus their fp32
+    channel scales when FP8): attention, norms, router and the top-k experts of each layer, the LM head, and
+    the KV cache of the context."""
     h, layers = c.hidden_size, c.num_hidden_layers
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     experts = c.num_experts_per_tok * 3 * h * c.moe_intermediate_size
+    if expert_bytes != 2.0:
+        scales = c.num_experts_per_tok * (2 * c.moe_intermediate_size + h) * 4
+        experts = (experts * expert_bytes + scales) / 2.0
     per_layer = h * (q + 2 * kv) + q * h + h * c.num_experts + experts + 2 * h + 2 * c.head_dim
     return 2.0 * (layers * per_layer + c.vocab_size * h + h + 2 * layers * kv * context_len)
 
 
 # ---- the MoE layer alone ----------------------------------------------------------------------------
-def time_layer(x, w13, w2, weights, ids) -> float:
+def time_layer(x, w13, w2, weights, ids, scales: Fp8ExpertScales | None = None) -> float:
     """Seconds per call; on CUDA replayed from a CUDA graph, as the engine runs decode steps."""
     if x.device.type != "cuda":
         start = time.perf_counter()
-        fused_moe(x, w13, w2, weights, ids)
+        fused_moe(x, w13, w2, weights, ids, scales=scales)
         return time.perf_counter() - start
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            fused_moe(x, w13, w2, weights, ids)
+            fused_moe(x, w13, w2, weights, ids, scales=scales)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fused_moe(x, w13, w2, weights, ids)
+        fused_moe(x, w13, w2, weights, ids, scales=scales)
     graph.replay()
     start = sync_time()
     for _ in range(20):
@@ -100,31 +110,86 @@ def time_layer(x, w13, w2, weights, ids) -> float:
     return (sync_time() - start) / 20
 
 
-def moe_layer(c, device: str, dtype: torch.dtype, token_counts: list[int]) -> list[dict]:
+def fp8_banks(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 banks with one scale per (expert, output channel), as compressed-tensors' channel strategy."""
+    out = []
+    for w in (w13, w2):
+        scale = w.float().abs().amax(dim=2) / 448.0
+        out += [(w.float() / scale[..., None]).to(torch.float8_e4m3fn), scale]
+    return out[0], out[2], out[1], out[3]
+
+
+def moe_layer(c, device: str, dtype: torch.dtype, token_counts: list[int], fp8: bool = True) -> list[dict]:
+    """Rows for bf16 experts and, with `fp8`, FP8 experts weight-only and with dynamic FP8 activations (the
+    same routed tokens); each row's error is against the plain-torch reference of its own weights."""
     g = torch.Generator(device).manual_seed(0)
     e, h, inter, k = c.num_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
     w13 = torch.randn(e, 2 * inter, h, generator=g, device=device).mul_(h**-0.5).to(dtype)
     w2 = torch.randn(e, h, inter, generator=g, device=device).mul_(inter**-0.5).to(dtype)
     router = torch.randn(e, h, generator=g, device=device).mul_(h**-0.5).to(dtype)
+    q13, q2, s13, s2 = fp8_banks(w13, w2)
+    variants = [("bf16" if dtype == torch.bfloat16 else str(dtype)[6:], w13, w2, None, dtype.itemsize)]
+    if fp8:
+        variants += [
+            ("fp8 weight-only", q13, q2, Fp8ExpertScales(s13, s2), 1),
+            ("fp8 w8a8 dynamic", q13, q2, Fp8ExpertScales(s13, s2, "dynamic"), 1),
+        ]
     rows = []
     for t in token_counts:
         x = torch.randn(t, h, generator=g, device=device).to(dtype)
         weights, ids = select_experts(x @ router.T, k, renormalize=True, round_weights=True)
-        out = fused_moe(x, w13, w2, weights, ids)
-        ref = fused_moe_ref(x, w13, w2, weights, ids)
-        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-        seconds = time_layer(x, w13, w2, weights, ids)
         hit = ids.unique().numel()
-        bytes_limit = hit * 3 * h * inter * dtype.itemsize / HBM_BYTES_PER_S
-        flop_limit = 2 * t * k * 3 * h * inter / BF16_FLOP_PER_S
-        limit = max(bytes_limit, flop_limit)
-        rows.append(
-            dict(
-                tokens=t, experts_hit=hit, us=seconds * 1e6, limit_us=limit * 1e6, fraction=limit / seconds, rel_err=err
-            )
-        )
-        print(f"MoE layer, {t} tokens: {rows[-1]}", flush=True)
+        full = fused_moe_ref(x, w13, w2, weights, ids).float()
+        for name, a, b, scales, weight_bytes in variants:
+            out = fused_moe(x, a, b, weights, ids, scales=scales)
+            ref = fused_moe_ref(x, a, b, weights, ids, scales=scales)
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            seconds = time_layer(x, a, b, weights, ids, scales)
+            scale_bytes = 0 if scales is None else hit * (2 * inter + h) * 4
+            bytes_limit = (hit * 3 * h * inter * weight_bytes + scale_bytes) / HBM_BYTES_PER_S
+            flop_rate = BF16_FLOP_PER_S * (2 if name.endswith("dynamic") else 1)  # FP8 tensor cores: twice bf16
+            flop_limit = 2 * t * k * 3 * h * inter / flop_rate
+            limit = max(bytes_limit, flop_limit)
+            rows.append(
+                dict(
+                    experts=name, tokens=t, experts_hit=hit, us=seconds * 1e6, limit_us=limit * 1e6,
+                    fraction=limit / seconds, rel_err=err,
+                    # Quantization error of the FP8 layer against the bf16 experts it came from.
+                    rel_err_vs_bf16=((ref.float() - full).norm() / full.norm()).item(),
+                )
+            )  # fmt: skip
+            print(f"MoE layer, {t} tokens: {rows[-1]}", flush=True)
     return rows
+
+
+def fp8_experts_folder(folder: str, out: str, act: str) -> str:
+    """A copy of `folder` without weights whose config.json marks the expert projections (only) as
+    compressed-tensors FP8, per channel, weight-only or with dynamic per-token activations."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(folder):
+        if not name.endswith(".safetensors") and name != "config.json":
+            shutil.copy(os.path.join(folder, name), out)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    weights = dict(num_bits=8, type="float", symmetric=True, strategy="channel", dynamic=False)
+    acts = dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "experts": {
+                "targets": ["re:.*mlp\\.experts\\..*"],
+                "weights": weights,
+                "input_activations": acts if act == "dynamic" else None,
+                "format": "float-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return out
 
 
 def run_hf(folder: str, dtype: torch.dtype, device: str, prompt, new_tokens: int, requests, batch_size: int) -> dict:
@@ -162,18 +227,36 @@ def run_hf(folder: str, dtype: torch.dtype, device: str, prompt, new_tokens: int
     return {"batch1": runs, "best_batch1": ranked[0], "throughput": throughput}
 
 
-def start_slimserve(folder: str, dtype: torch.dtype, result: dict) -> LLM:
+def start_slimserve(folder: str, dtype: torch.dtype, result: dict, **options) -> LLM:
     """The engine with CUDA graphs; if capturing them fails, the failure is recorded and it runs eager."""
     t0 = time.perf_counter()
     try:
-        llm = LLM(folder, dtype=dtype, max_model_len=2048, gpu_memory_utilization=0.5)
+        llm = LLM(folder, dtype=dtype, max_model_len=2048, gpu_memory_utilization=0.5, **options)
     except Exception as e:
         result["cuda_graph_error"] = f"{type(e).__name__}: {e}"[:500]
         print(f"CUDA graphs failed, running eager: {result['cuda_graph_error']}", flush=True)
         gc.collect()
-        llm = LLM(folder, dtype=dtype, max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=True)
+        llm = LLM(folder, dtype=dtype, max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=True, **options)
     result["slimserve_startup_s"] = time.perf_counter() - t0
     return llm
+
+
+def run_slimserve(folder: str, dtype: torch.dtype, config, prompt, new_tokens: int, requests, result: dict,
+                  expert_bytes: float = 2.0, **options) -> None:  # fmt: skip
+    """Batch-1 decode (with its HBM roofline) and offline throughput through one engine, into `result`."""
+    llm = start_slimserve(folder, dtype, result, **options)
+    b1 = slimserve_batch1(llm, prompt, new_tokens)
+    steps = [decode_bytes_per_step(config, 128 + i, expert_bytes) for i in range(1, new_tokens)]
+    b1["roofline_tok_s"] = (new_tokens - 1) / (sum(steps) / HBM_BYTES_PER_S)
+    b1["roofline_fraction"] = b1["decode_tok_s"] / b1["roofline_tok_s"]
+    result["batch1"] = b1
+    print(f"slimserve batch-1: {b1}", flush=True)
+    result["throughput"] = slimserve_throughput(llm, requests)
+    print(f"slimserve throughput: {result['throughput']}", flush=True)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save(result: dict, path: str) -> None:
@@ -192,6 +275,10 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128, help="batch-1 decode length")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--fp8", choices=["dynamic", "weight-only", "none"], default="dynamic",
+        help="engine run with FP8 experts: W8A8 with dynamic per-token activations, weight-only, or none",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny shape and few requests: checks the script")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--workdir", default="/tmp/slimserve-bench")
@@ -215,7 +302,8 @@ def main() -> None:
         "shape": shape,
     }
     path = os.path.join(args.out, f"moe-{name}-{result['date']}.json")
-    result["moe_layer"] = moe_layer(config, device, dtype, [1, 7, 64, 512, 4096] if not args.tiny else [1, 9])
+    result["moe_layer"] = moe_layer(config, device, dtype, [1, 7, 64, 512, 4096] if not args.tiny else [1, 9],
+                                    fp8=args.fp8 != "none")  # fmt: skip
     save(result, path)
 
     folder = os.path.join(args.workdir, name)
@@ -229,20 +317,20 @@ def main() -> None:
     lengths = [(rng.randint(low, high), rng.randint(low, high)) for _ in range(args.num_requests)]
     requests = [([rng.randrange(3, config.vocab_size) for _ in range(n)], m) for n, m in lengths]
 
-    llm = start_slimserve(folder, dtype, result)
-    b1 = slimserve_batch1(llm, prompt, args.new_tokens)
-    steps = [decode_bytes_per_step(config, 128 + i) for i in range(1, args.new_tokens)]
-    b1["roofline_tok_s"] = (args.new_tokens - 1) / (sum(steps) / HBM_BYTES_PER_S)
-    b1["roofline_fraction"] = b1["decode_tok_s"] / b1["roofline_tok_s"]
-    result["slimserve_batch1"] = b1
-    print(f"slimserve batch-1: {b1}", flush=True)
-    result["slimserve_throughput"] = slimserve_throughput(llm, requests)
-    print(f"slimserve throughput: {result['slimserve_throughput']}", flush=True)
+    bf16: dict = {}
+    run_slimserve(folder, dtype, config, prompt, args.new_tokens, requests, bf16)
+    result["slimserve_startup_s"] = bf16.pop("slimserve_startup_s")
+    result["slimserve_batch1"], result["slimserve_throughput"] = bf16["batch1"], bf16["throughput"]
     save(result, path)
-    del llm
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    if args.fp8 != "none":
+        fp8 = {"activations": args.fp8}
+        fp8_folder = fp8_experts_folder(folder, f"{folder}-fp8-{args.fp8}", args.fp8)
+        run_slimserve(fp8_folder, dtype, config, prompt, args.new_tokens, requests, fp8, 1.0, load_format="dummy")
+        fp8["speedup_batch1_vs_bf16"] = fp8["batch1"]["decode_tok_s"] / bf16["batch1"]["decode_tok_s"]
+        fp8["speedup_throughput_vs_bf16"] = fp8["throughput"]["output_tok_s"] / bf16["throughput"]["output_tok_s"]
+        result["slimserve_fp8_experts"] = fp8
+        save(result, path)
+    b1 = result["slimserve_batch1"]
 
     if not args.skip_hf:
         hf = run_hf(folder, dtype, device, prompt, args.new_tokens, requests[: args.hf_requests], args.hf_batch_size)
@@ -269,12 +357,24 @@ def print_table(result: dict) -> None:
         f"| throughput output tok/s | {tp['output_tok_s']:.0f} | {hf_tp} "
         f"| {result.get('speedup_throughput', float('nan')):.1f}x |"
     )
-    print("\n| MoE layer tokens | experts hit | us | hardware limit us | fraction | rel. error vs reference |")
-    print("|---|---|---|---|---|---|")
+    fp8 = result.get("slimserve_fp8_experts")
+    if fp8:
+        f1, ft = fp8["batch1"], fp8["throughput"]
+        print("\n| engine, experts | batch-1 decode tok/s | throughput output tok/s |\n|---|---|---|")
+        print(f"| bf16 experts | {b1['decode_tok_s']:.0f} ({100 * b1['roofline_fraction']:.0f}% of roofline) "
+              f"| {tp['output_tok_s']:.0f} |")  # fmt: skip
+        print(
+            f"| FP8 experts ({fp8['activations']}) | {f1['decode_tok_s']:.0f} "
+            f"({100 * f1['roofline_fraction']:.0f}% of roofline), {fp8['speedup_batch1_vs_bf16']:.2f}x "
+            f"| {ft['output_tok_s']:.0f}, {fp8['speedup_throughput_vs_bf16']:.2f}x |"
+        )
+    print("\n| MoE layer experts | tokens | experts hit | us | hardware limit us | fraction | rel. error vs reference "
+          "| rel. error vs bf16 experts |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["moe_layer"]:
         print(
-            f"| {r['tokens']} | {r['experts_hit']} | {r['us']:.1f} | {r['limit_us']:.1f} "
-            f"| {100 * r['fraction']:.0f}% | {r['rel_err']:.1e} |"
+            f"| {r['experts']} | {r['tokens']} | {r['experts_hit']} | {r['us']:.1f} | {r['limit_us']:.1f} "
+            f"| {100 * r['fraction']:.0f}% | {r['rel_err']:.1e} | {r['rel_err_vs_bf16']:.1e} |"
         )
 
 

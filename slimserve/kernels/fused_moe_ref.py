@@ -39,9 +39,7 @@ class Fp8ExpertScales:
         return self.a13_scale if bank == "w13" else self.a2_scale
 
 
-def _expert_linear(
-    a: torch.Tensor, w: torch.Tensor, e: int, bank: str, scales: Fp8ExpertScales | None
-) -> torch.Tensor:
+def _expert_linear(a: torch.Tensor, w: torch.Tensor, e: int, bank: str, scales: Fp8ExpertScales | None) -> torch.Tensor:
     """a @ w[e]^T in fp32 (the model's dtype without scales)."""
     if scales is None:
         return F.linear(a, w[e])

@@ -110,4 +110,5 @@ class Fp8FusedExperts(FusedExperts):
 
     def extra_repr(self) -> str:
         act = "weight-only" if self.act is None else f"{self.act} FP8 activations"
-        return f"experts {self.expert_start}..{self.expert_start + self.num_local - 1}, FP8/{self.scheme.strategy}, {act}"
+        last = self.expert_start + self.num_local - 1
+        return f"experts {self.expert_start}..{last}, FP8/{self.scheme.strategy}, {act}"

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 
-
 @torch.no_grad()
 def load_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     device = next(model.parameters()).device

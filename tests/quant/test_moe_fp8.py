@@ -23,6 +23,7 @@ from slimserve.compress import preset, quantize_, save_compressed
 from slimserve.compress.api import Calibration
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.moe import ExpertMLP, checkpoint_name, unfuse_experts
+from slimserve.errors import SlimserveError
 from slimserve.layers.moe_fp8 import Fp8FusedExperts
 from slimserve.layers.quantized import QuantLinearBase
 from tests.tiny_models import VOCAB, build_tiny_model
@@ -40,8 +41,8 @@ def compressed_moe(tmp_path, family: str, scheme: str, **options) -> str:
         g = torch.Generator().manual_seed(0)
         calib = Calibration([torch.randint(3, VOCAB, (1, 64), generator=g) for _ in range(4)], "test")
     quantize_(model, config, calib, progress=False)
-    out = save_compressed(model, config, tmp_path / f"{family}-{scheme}", tokenizer=AutoTokenizer.from_pretrained(folder))
-    return str(out)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return str(save_compressed(model, config, tmp_path / f"{family}-{scheme}", tokenizer=tokenizer))
 
 
 def round_expert_inputs(model: torch.nn.Module, folder: str) -> None:
@@ -109,3 +110,40 @@ def test_fp8_moe_matches_transformers(tmp_path, family, scheme, options, atol):
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(ours, transformers_greedy(folder)):
         assert tokens == want_tokens
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)
+
+
+def with_quantization_config(tmp_path, family: str, group: dict) -> str:
+    """A tiny MoE folder whose config.json declares `group` for every linear layer (the weights stay bf16)."""
+    folder = build_tiny_model(family, str(tmp_path / family))
+    with open(f"{folder}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "quantization_status": "compressed",
+                                     "config_groups": {"group_0": {"targets": ["Linear"], **group}}}  # fmt: skip
+    with open(f"{folder}/config.json", "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+FP8_CHANNEL = dict(num_bits=8, type="float", symmetric=True, strategy="channel")
+
+
+def test_dummy_fp8_experts_from_config_alone(tmp_path):
+    """load_format="dummy" (speed runs) draws FP8 banks and their scales."""
+    group = {"format": "float-quantized", "weights": FP8_CHANNEL,
+             "input_activations": dict(num_bits=8, type="float", strategy="token", dynamic=True)}  # fmt: skip
+    llm = LLM(with_quantization_config(tmp_path, "qwen3-moe", group), dtype="float32", device="cpu",
+              load_format="dummy")  # fmt: skip
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_integer_experts_are_refused_in_one_line(tmp_path):
+    group = {"format": "pack-quantized", "weights": dict(num_bits=4, type="int", strategy="group", group_size=8)}
+    with pytest.raises(SlimserveError, match="quantized MoE experts in ct-int int4/group are not supported"):
+        LLM(with_quantization_config(tmp_path, "mixtral", group), dtype="float32", device="cpu")
+
+
+def test_unquantized_expert_tensors_in_an_fp8_checkpoint_are_refused(tmp_path):
+    folder = with_quantization_config(tmp_path, "mixtral", {"format": "float-quantized", "weights": FP8_CHANNEL})
+    with pytest.raises(SlimserveError, match="expected float8_e4m3fn"):
+        LLM(folder, dtype="float32", device="cpu")
