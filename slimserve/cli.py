@@ -97,6 +97,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cpu-quantization", choices=["int8", "int4"], help="weight-only INT8/INT4 CPU kernels, quantized at load"
     )
+    group.add_argument("--quantization", choices=["fp8"], help="round a full-precision checkpoint to FP8 at load")
     group.add_argument("--cpu-threads", type=int, help="threads for CPU inference (default: the usable cores)")
 
 
@@ -119,6 +120,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_dtype=args.kv_cache_dtype,
         load_format=args.load_format,
         cpu_quantization=args.cpu_quantization,
+        quantization=args.quantization,
         cpu_threads=args.cpu_threads,
     )
 

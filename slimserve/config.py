@@ -209,6 +209,9 @@ class EngineConfig:
     load_format: str = "auto"
     # Weight-only quantization applied at load for CPU inference: "int8" or "int4" (None keeps the weights).
     cpu_quantization: str | None = None
+    # vLLM's --quantization fp8: a full-precision checkpoint's linear layers and MoE experts rounded to FP8 at load
+    # (per output channel, dynamic per-token FP8 activations); the LM head and routers stay.
+    quantization: str | None = None
     # Threads of CPU inference (None: the cores this process may use).
     cpu_threads: int | None = None
 
@@ -231,6 +234,10 @@ class EngineConfig:
             raise SlimserveError(f"cpu_quantization must be int8 or int4, got {self.cpu_quantization!r}")
         if self.cpu_quantization is not None and self.tensor_parallel_size > 1:
             raise SlimserveError("cpu_quantization runs in one process: use tensor_parallel_size 1")
+        if self.quantization not in (None, "fp8"):
+            raise SlimserveError(f"quantization must be fp8, got {self.quantization!r}")
+        if self.quantization is not None and (self.tensor_parallel_size > 1 or self.cpu_quantization is not None):
+            raise SlimserveError("quantization fp8 runs in one process without cpu_quantization")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise SlimserveError(f"cpu_threads must be positive, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:

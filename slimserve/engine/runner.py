@@ -91,7 +91,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         with torch.device(device), _default_dtype(dtype):
-            self.model = model_class(model_config)(model_config, self.parallel)
+            self.model = model_class(model_config)(model_config, self.parallel, config.quantization)
         # KV heads this rank keeps (a slice of them under tensor parallelism).
         self.num_kv_heads = self.model.attention_layers()[0].num_kv_heads
         if config.load_format == "dummy":

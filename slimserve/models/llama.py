@@ -192,7 +192,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelState | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, parallel: ParallelState | None = None, quantization: str | None = None
+    ) -> None:
+        """quantization: round a full-precision checkpoint at load ("fp8"); None keeps the checkpoint's format."""
         super().__init__()
         self.config = cfg
         self.parallel = parallel or ParallelState()
@@ -204,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, cfg.max_context_len
         )
         # Quantized checkpoints choose each projection's layer class by its Hugging Face module name.
-        self.quant = QuantizationConfig.from_model_config(cfg.raw)
+        self.quant = QuantizationConfig.for_model(cfg.raw, quantization)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
                 cfg, self.parallel, rotary, self.make_mlp(cfg, self.parallel, i, self.quant), self.quant,

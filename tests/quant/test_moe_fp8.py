@@ -147,3 +147,25 @@ def test_unquantized_expert_tensors_in_an_fp8_checkpoint_are_refused(tmp_path):
     folder = with_quantization_config(tmp_path, "mixtral", {"format": "float-quantized", "weights": FP8_CHANNEL})
     with pytest.raises(SlimserveError, match="expected float8_e4m3fn"):
         LLM(folder, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2-moe"])
+def test_fp8_at_load_equals_the_compressed_checkpoint(tmp_path, family):
+    """quantization="fp8" (vLLM's --quantization fp8) on a full-precision checkpoint computes what the engine
+    computes on the same model compressed with the FP8 scheme (and that, transformers: see above)."""
+    folder = build_tiny_model(family, str(tmp_path / family))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    quantize_(model, preset("FP8"), progress=False)
+    compressed = str(
+        save_compressed(model, preset("FP8"), tmp_path / "fp8", tokenizer=AutoTokenizer.from_pretrained(folder))
+    )
+    llm, online = engine_greedy(folder, quantization="fp8")
+    layers = list(llm.engine.runner.model.modules())
+    assert any(isinstance(m, QuantLinearBase) for m in layers)
+    assert family == "llama3.2" or any(isinstance(m, Fp8FusedExperts) for m in layers)
+    _, stored = engine_greedy(compressed)
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(online, stored):
+        assert tokens == want_tokens
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=1e-5, rtol=0)
+    with pytest.raises(SlimserveError, match="already quantized"):
+        LLM(compressed, dtype="float32", device="cpu", quantization="fp8")

@@ -9,6 +9,7 @@ import torch
 
 from slimserve.errors import CheckpointError
 from slimserve.kernels.fp8_quant import quantize_fp8
+from slimserve.kernels.fp8_quant_ref import FP8_MAX
 from slimserve.kernels.quant_gemm import quant_gemm
 from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
 from slimserve.layers.quantized.base import Parts, QuantLinearBase
@@ -16,6 +17,14 @@ from slimserve.layers.quantized.base import Parts, QuantLinearBase
 
 def random_fp8(rows: int, cols: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.randn(rows, cols, generator=generator, device=device) * 64).to(torch.float8_e4m3fn)
+
+
+def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-precision weight [rows, cols] rounded to FP8 E4M3 with one fp32 scale per row [rows, 1]: absmax / 448
+    (1 for an all-zero row), compressed-tensors' channel strategy as `slimserve compress` computes it."""
+    amax = w.float().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 class Fp8Linear(QuantLinearBase):
@@ -26,7 +35,18 @@ class Fp8Linear(QuantLinearBase):
             raise CheckpointError("FP8 weights with per-tensor/channel scales need FP8 per-token or static activations")
 
     def required(self) -> tuple[str, ...]:
+        if self.scheme.online:  # full-precision weights, rounded as they load
+            return ("weight",)
         return ("weight", "weight_scale") + self.input_scale_keys()
+
+    def load_shard(self, name: str, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        if not (self.scheme.online and param_name == "weight"):
+            return super().load_shard(name, param_name, tensor, shard)
+        if tensor.dtype == torch.float8_e4m3fn or not tensor.is_floating_point():
+            raise CheckpointError(f"{name}: dtype {tensor.dtype}, expected full-precision weights to quantize")
+        weight, scale = quantize_fp8_weight(tensor.to(self.device))
+        super().load_shard(name, "weight", weight, shard)
+        self._parts[shard]["weight_scale"] = scale  # held until the layer builds, as a checkpoint's would be
 
     def build(self, parts: Parts) -> None:
         weights, scales = [], []

@@ -10,6 +10,9 @@ from typing import Any
 from slimserve.errors import CheckpointError
 
 FORMATS = ("compressed-tensors", "gptq", "awq", "fp8")
+# Quantization at load of a full-precision checkpoint (EngineConfig.quantization, vLLM's --quantization): FP8
+# weights per output channel with dynamic per-token FP8 activations, llm-compressor's FP8_DYNAMIC.
+ONLINE_METHODS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class LinearScheme:
     actorder: bool = False
     zero_plus_one: bool = False  # GPTQ v1 checkpoints store every zero point minus one
     packed: bool = False  # compressed-tensors pack-quantized (int32 words) rather than int8 `weight`
+    online: bool = False  # the checkpoint holds full-precision weights, rounded to this scheme at load
 
 
 def _matches(name: str, target: str) -> bool:
@@ -105,6 +109,18 @@ class QuantizationConfig:
             raise CheckpointError("compressed-tensors checkpoint is not compressed (quantization_status frozen)")
         return cls(method, q)
 
+    @classmethod
+    def for_model(cls, cfg: dict[str, Any], online: str | None = None) -> QuantizationConfig | None:
+        """The checkpoint's quantization, or the one asked for at load (`online`) of an unquantized checkpoint."""
+        stored = cls.from_model_config(cfg)
+        if online is None:
+            return stored
+        if online not in ONLINE_METHODS:
+            raise CheckpointError(f"quantization {online!r} is not supported; choose {', '.join(ONLINE_METHODS)}")
+        if stored is not None:
+            raise CheckpointError(f"checkpoint is already quantized ({stored.method}); drop quantization={online!r}")
+        return cls(f"online-{online}", {})
+
     def _ignored(self, name: str) -> bool:
         q = self.raw
         ignore = q.get("ignore") or q.get("modules_to_not_convert") or q.get("ignored_layers") or []
@@ -114,6 +130,8 @@ class QuantizationConfig:
         """The scheme of the linear layer `name` (Hugging Face naming), None when it stays unquantized."""
         if name.endswith("lm_head") or self._ignored(name):
             return None
+        if self.method == "online-fp8":
+            return LinearScheme("fp8", 8, "float", True, "channel", act=ActScheme("float", True), online=True)
         q = self.raw
         if self.method == "compressed-tensors":
             for group in (q.get("config_groups") or {}).values():
