@@ -60,6 +60,11 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int, expert_parallel: bo
         split_evenly(cfg.moe.num_experts, parallel, "num_experts")
     elif cfg.moe is not None:
         split_evenly(cfg.moe.expert_intermediate_size, parallel, "moe_intermediate_size")
+    # Layers that refuse to be split (quantized dense layers) say so here, on the meta device, not in every rank.
+    from slimserve.models.registry import model_class
+
+    with torch.device("meta"):
+        model_class(cfg)(cfg, ParallelState(0, world_size, expert_parallel=expert_parallel))
 
 
 def check_expert_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
