@@ -35,6 +35,14 @@ if HAS_TRITON:
         return tl.dot(a, w, acc)
 
     @triton.jit
+    def _accumulate(a, w, acc, FP8: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ w. Hopper's FP8 tensor cores accumulate with fewer bits than fp32: FP8 products of each
+        K step go into a fresh accumulator that is then added in fp32, rather than accumulating across K."""
+        if FP8:
+            return acc + _dot(a, w, tl.zeros_like(acc), IEEE, UPCAST)
+        return _dot(a, w, acc, IEEE, UPCAST)
+
+    @triton.jit
     def _grouped_gemm_kernel(
         a_ptr,
         w_ptr,
@@ -85,12 +93,12 @@ if HAS_TRITON:
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if W_FP8 and not A_FP8 and not UPCAST:  # weight-only: widen FP8 (exact) to the activations' dtype
                 w = w.to(a.dtype)
-            acc = _dot(a, w, acc, IEEE, UPCAST)
+            acc = _accumulate(a, w, acc, A_FP8, IEEE, UPCAST)
             if GATED:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if W_FP8 and not A_FP8 and not UPCAST:
                     w_up = w_up.to(a.dtype)
-                acc_up = _dot(a, w_up, acc_up, IEEE, UPCAST)
+                acc_up = _accumulate(a, w_up, acc_up, A_FP8, IEEE, UPCAST)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if W_FP8:  # per-output-channel weight scales, then the row's activation scale
