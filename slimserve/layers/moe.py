@@ -76,7 +76,6 @@ class FusedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.slice_index, self.num_slices = slice_index, num_slices
         self.scales: Fp8ExpertScales | None = None  # FP8 banks set it once loaded
-        self.hidden_size = hidden_size
         w13 = torch.empty(num_local, 2 * intermediate_size, hidden_size, dtype=weight_dtype)
         self.w13_weight = nn.Parameter(w13, requires_grad=False)
         w2 = torch.empty(num_local, hidden_size, intermediate_size, dtype=weight_dtype)
