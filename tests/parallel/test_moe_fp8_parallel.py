@@ -15,8 +15,17 @@ from slimserve.layers.moe_fp8 import Fp8FusedExperts
 from tests.tiny_models import VOCAB, build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8], list(range(10, 40)), [300, 301, 302, 303, 304, 305, 306]]
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4)
+# One thread per rank: two ranks share two cores.
+ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4, cpu_threads=1)
 EXPERTS_ONLY = DEFAULT_IGNORE + ("re:.*self_attn\\..*", "re:.*shared_expert\\..*")
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The engines here run one thread per rank; later tests get this process's threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def fp8_checkpoint(tmp_path, scheme: str, ignore=EXPERTS_ONLY) -> str:

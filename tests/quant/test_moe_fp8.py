@@ -9,6 +9,7 @@ compressed-tensors' own `forward_quantize` and the checkpoint's arguments."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -32,6 +33,17 @@ MAX_NEW = 6
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(40, 63)), [300, 301, 302, 9, 9, 9, 17, 18, 19, 20, 21]]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The experts are many small ops: on a shared machine one thread runs them several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compressed_moe(tmp_path, family: str, scheme: str, **options) -> str:
     folder = build_tiny_model(family, str(tmp_path / family))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -40,7 +52,8 @@ def compressed_moe(tmp_path, family: str, scheme: str, **options) -> str:
     if config.needs_calibration:
         g = torch.Generator().manual_seed(0)
         calib = Calibration([torch.randint(3, VOCAB, (1, 64), generator=g) for _ in range(4)], "test")
-    quantize_(model, config, calib, progress=False)
+    with one_thread():
+        quantize_(model, config, calib, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return str(save_compressed(model, config, tmp_path / f"{family}-{scheme}", tokenizer=tokenizer))
 
@@ -75,7 +88,7 @@ def transformers_greedy(folder: str) -> list[tuple[list[int], list[float]]]:
     round_expert_inputs(model, folder)
     results = []
     for prompt in PROMPTS:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
                                  pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
         tokens = out.sequences[0, len(prompt) :].tolist()
@@ -84,9 +97,10 @@ def transformers_greedy(folder: str) -> list[tuple[list[int], list[float]]]:
 
 
 def engine_greedy(folder: str, **kwargs) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
-    llm = LLM(folder, dtype="float32", device="cpu", block_size=4, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
-    outs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    with one_thread():
+        llm = LLM(folder, dtype="float32", device="cpu", block_size=4, cpu_threads=1, **kwargs)
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     return llm, [(o.token_ids, [e[t] for e, t in zip(o.logprobs, o.token_ids)]) for o in outs]
 
 
@@ -131,9 +145,11 @@ def test_dummy_fp8_experts_from_config_alone(tmp_path):
     """load_format="dummy" (speed runs) draws FP8 banks and their scales."""
     group = {"format": "float-quantized", "weights": FP8_CHANNEL,
              "input_activations": dict(num_bits=8, type="float", strategy="token", dynamic=True)}  # fmt: skip
-    llm = LLM(with_quantization_config(tmp_path, "qwen3-moe", group), dtype="float32", device="cpu",
-              load_format="dummy")  # fmt: skip
-    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    folder = with_quantization_config(tmp_path, "qwen3-moe", group)
+    with one_thread():
+        llm = LLM(folder, dtype="float32", device="cpu", load_format="dummy", cpu_threads=1)
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        out = llm.generate([PROMPTS[0]], params, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 
 
