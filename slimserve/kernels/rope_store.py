@@ -104,9 +104,7 @@ if HAS_TRITON:
             if KV_QUANT != 0:
                 vs = tl.load(v_scale_ptr + h - NUM_HEADS - NUM_KV_HEADS)
                 tl.store(v_dst + offs, _quantize_for_cache(x1, vs, KV_QUANT, ON_GRID).to(v_ty), mask=cache_mask)
-                tl.store(
-                    v_dst + HALF + offs, _quantize_for_cache(x2, vs, KV_QUANT, ON_GRID).to(v_ty), mask=cache_mask
-                )
+                tl.store(v_dst + HALF + offs, _quantize_for_cache(x2, vs, KV_QUANT, ON_GRID).to(v_ty), mask=cache_mask)
             else:
                 tl.store(v_dst + offs, x1.to(v_ty), mask=cache_mask)
                 tl.store(v_dst + HALF + offs, x2.to(v_ty), mask=cache_mask)
