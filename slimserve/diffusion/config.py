@@ -60,6 +60,9 @@ class DistillConfig:
     lr: float = 2e-4
     checkpoint_every: int = 100
     seed: int = 0
+    height: int | None = None  # text pipelines: image size (default: the pipeline's)
+    width: int | None = None
+    max_sequence_length: int = 512  # Flux: T5 tokens per caption
 
     def __post_init__(self) -> None:
         for name in ("student_steps", "substeps", "num_trajectories", "train_steps", "batch_size", "checkpoint_every"):

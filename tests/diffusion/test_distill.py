@@ -37,8 +37,8 @@ def test_distilled_student_loads_as_pipeline_and_resumes_exactly(tmp_path, monke
 
     save = distill._save_checkpoint
 
-    def interrupted(folder, student, optimizer, step):
-        save(folder, student, optimizer, step)
+    def interrupted(folder, component, student, optimizer, step, losses):
+        save(folder, component, student, optimizer, step, losses)
         if step == 3:
             raise KeyboardInterrupt
 
@@ -71,7 +71,7 @@ def test_student_fits_teacher_trajectory_better_than_teacher_few_steps(tmp_path)
     student_dir = distill_steps(teacher_dir, tmp_path / "student", config)
     teacher = ClassConditionalFlowPipeline.from_pretrained(teacher_dir)
     data = torch.load(tmp_path / "student.work" / "trajectories.pt")
-    noise, target, labels = data["states"][:, 0], data["states"][:, -1], data["labels"]
+    noise, target, labels = data["states"][:, 0], data["states"][:, -1], data["conditions"]
     student = ClassConditionalFlowPipeline.from_pretrained(student_dir)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)

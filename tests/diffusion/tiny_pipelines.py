@@ -169,3 +169,51 @@ def run(pipe: Any, inputs: dict, steps: int = 6, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
         result = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
     return result.images
+
+
+def tiny_tokenizer(max_length: int) -> Any:
+    """A word-level tokenizer built in memory (no vocabulary download); unknown words map to one id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a photo of cat dog red blue house tree on the in painting".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=max_length
+    )
+
+
+def tiny_clip(hidden: int, projection: int | None = None) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=projection or hidden,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def flux_with_text() -> Any:
+    """The tiny Flux pipeline with its CLIP and T5 text encoders (tiny, random) and in-memory tokenizers."""
+    from transformers import T5Config, T5EncoderModel
+
+    pipe, _ = flux()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=12, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).eval()
+    components = {**pipe.components, "text_encoder": tiny_clip(12), "tokenizer": tiny_tokenizer(8)}
+    components.update(text_encoder_2=t5, tokenizer_2=tiny_tokenizer(8))
+    return FluxPipeline(**components)
+
+
+def sd_with_text() -> Any:
+    """The tiny Stable Diffusion pipeline with a tiny random CLIP text encoder and an in-memory tokenizer."""
+    pipe, _ = sd_unet()
+    return StableDiffusionPipeline(**{**pipe.components, "text_encoder": tiny_clip(12), "tokenizer": tiny_tokenizer(8)})
