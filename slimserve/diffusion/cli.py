@@ -10,13 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimserve.diffusion.config import CACHES, QUANTIZATIONS, SOLVERS, DistillConfig
+from slimserve.diffusion.config import CACHES, QUANTIZATIONS, SOLVERS, DistillationError, DistillConfig
 from slimserve.errors import ModelNotFoundError
 
 
 def add_acceleration_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("acceleration")
-    group.add_argument("--solver", default="auto", choices=SOLVERS, help="sampler (auto: DPM-Solver++ 2M)")
+    group.add_argument(
+        "--solver",
+        default="auto",
+        choices=SOLVERS,
+        help="sampler (auto: DPM-Solver++ 2M, or a distilled student's own)",
+    )
     group.add_argument("--cache", default="none", choices=CACHES, help="reuse the denoiser's blocks across steps")
     group.add_argument("--cache-interval", type=int, default=2, help="fixed cache: recompute every N-th step")
     group.add_argument("--cache-threshold", type=float, default=0.1, help="first_block/teacache reuse threshold")
@@ -47,7 +52,15 @@ def add_distill_steps_parser(subparsers: argparse._SubParsersAction) -> argparse
     p = subparsers.add_parser(
         "distill-steps", help="distill a many-step guided teacher into a few-step student (diffusers folder)"
     )
-    p.add_argument("teacher", help="class-conditional flow pipeline folder (model_index.json)")
+    p.add_argument(
+        "teacher",
+        help="pipeline folder (model_index.json): class-conditional flow, FluxPipeline or StableDiffusionPipeline",
+    )
+    p.add_argument("--caption", action="append", help="caption for text pipelines (repeatable)")
+    p.add_argument("--captions-file", help="text file with one caption per line (text pipelines)")
+    p.add_argument("--height", type=int, default=None, help="text pipelines: image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="text pipelines: image width (default: the pipeline's)")
+    p.add_argument("--max-sequence-length", type=int, default=defaults.max_sequence_length, help="Flux: T5 tokens")
     p.add_argument("--out", required=True, help="student pipeline folder (must not exist); work in <out>.work")
     p.add_argument("--student-steps", type=int, default=defaults.student_steps)
     p.add_argument("--substeps", type=int, default=defaults.substeps, help="teacher Euler steps per student step")
@@ -75,8 +88,17 @@ def run_distill_steps(args: argparse.Namespace) -> None:
         lr=args.lr,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        height=args.height,
+        width=args.width,
+        max_sequence_length=args.max_sequence_length,
     )
-    print(distill_steps(args.teacher, args.out, config))
+    captions = list(args.caption or [])
+    if args.captions_file:
+        path = Path(args.captions_file)
+        if not path.is_file():
+            raise DistillationError(f"{path}: captions file not found")
+        captions += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    print(distill_steps(args.teacher, args.out, config, captions=captions))
 
 
 def load_pipeline(folder: Path, device: str, dtype: Any) -> Any:
@@ -99,8 +121,10 @@ def run_diffuse(args: argparse.Namespace) -> None:
     from slimserve.diffusion.class_pipeline import ClassConditionalFlowPipeline
 
     folder = Path(args.model)
+    recipe_file = folder / "distillation.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
     config = AccelerationConfig(
-        solver=args.solver,
+        solver="keep" if recipe and args.solver == "auto" else args.solver,  # a student keeps the sampler it learned
         cache=args.cache,
         cache_interval=args.cache_interval,
         cache_threshold=args.cache_threshold,
@@ -113,8 +137,6 @@ def run_diffuse(args: argparse.Namespace) -> None:
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
     pipe = load_pipeline(folder, device, dtype)
-    recipe_file = folder / "distillation.json"
-    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
     steps = args.num_inference_steps or recipe.get("num_inference_steps", 28)
     guidance = args.guidance_scale if args.guidance_scale is not None else recipe.get("guidance_scale", 3.5)
     accelerate_(pipe, config)
@@ -126,7 +148,8 @@ def run_diffuse(args: argparse.Namespace) -> None:
         images = pipe(args.class_label, steps, guidance_scale=guidance, generator=generator).images
         images = (images.float().cpu() + 1) / 2
     else:
-        kwargs = {k: v for k, v in dict(height=args.height, width=args.width).items() if v is not None}
+        size = dict(height=args.height or recipe.get("height"), width=args.width or recipe.get("width"))
+        kwargs = {k: v for k, v in size.items() if v is not None}
         result = pipe(
             prompt=args.prompt,
             num_inference_steps=steps,
