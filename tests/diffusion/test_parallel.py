@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.diffusion.tiny_pipelines import dit, pixart, run
+from tests.diffusion.tiny_pipelines import dit, flux, pixart, run, sd3
 
 
 def _free_port() -> int:
@@ -62,3 +62,57 @@ def test_two_gloo_ranks_equal_the_single_process_output():
             for variant in ("ulysses", "ring", "cfg"):
                 assert torch.allclose(outputs[f"{name} {variant}"], single, atol=1e-5), (rank, name, variant)
     assert torch.equal(results[0]["pixart ulysses"], results[1]["pixart ulysses"])
+
+
+def _joint_rank(rank: int, world: int, port: int, results) -> None:
+    from slimserve.diffusion.parallel import SequenceParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        outputs = {}
+        for name, build in (("flux", flux), ("sd3", sd3)):
+            pipe, inputs = build()
+            outputs[f"{name} single"] = run(pipe, inputs, steps=3)
+            blocks = [*pipe.transformer.transformer_blocks, *getattr(pipe.transformer, "single_transformer_blocks", [])]
+            for mode in ("ulysses", "ring"):
+                parallel = SequenceParallel(pipe.transformer, mode)
+                seen = []
+                hooks = [
+                    block.attn.register_forward_pre_hook(
+                        lambda module, args, kwargs, seen=seen: seen.append(kwargs["hidden_states"].shape[1]),
+                        with_kwargs=True,
+                    )
+                    for block in blocks
+                ]
+                outputs[f"{name} {mode}"] = run(pipe, inputs, steps=3)
+                for hook in hooks:
+                    hook.remove()
+                parallel.remove()
+                outputs[f"{name} {mode} lengths"] = torch.tensor(seen).unique()
+            outputs[f"{name} restored"] = run(pipe, inputs, steps=3)
+        results[rank] = outputs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_joint_attention_blocks_on_two_gloo_ranks_equal_the_single_process_output():
+    """Flux (double- and single-stream blocks, rotary) and SD3 (joint blocks with the extra image self-attention):
+    image tokens sharded, text replicated."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.start_processes(_joint_rank, args=(2, _free_port(), results), nprocs=2, join=True, start_method="fork")
+    image_tokens, text_tokens = 16, 6  # 16x16 images: 8x8 latents in 2x2 patches; 6 text tokens
+    for rank in (0, 1):
+        outputs = results[rank]
+        for name in ("flux", "sd3"):
+            single = outputs[f"{name} single"]
+            assert torch.equal(outputs[f"{name} restored"], single)
+            for mode in ("ulysses", "ring"):
+                assert torch.allclose(outputs[f"{name} {mode}"], single, atol=1e-5), (rank, name, mode)
+        # the double-stream and SD3 blocks' attention sees the rank's half of the image tokens, Flux's single-stream
+        # blocks see the whole text ahead of that half
+        flux_lengths = {image_tokens // 2, text_tokens + image_tokens // 2}
+        assert set(outputs["flux ulysses lengths"].tolist()) == flux_lengths
+        assert outputs["sd3 ring lengths"].tolist() == [image_tokens // 2]

@@ -16,6 +16,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -116,6 +118,49 @@ def flux() -> tuple[Any, dict]:
         height=16,
         width=16,
         guidance_scale=1.0,
+        output_type="pt",
+    )
+    return pipe, inputs
+
+
+def sd3() -> tuple[Any, dict]:
+    """SD3.5-shaped: joint-attention blocks, the first with the extra image self-attention, RMS-normed q/k."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(
+        prompt_embeds=torch.randn(1, 6, 12, generator=generator),
+        pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
+        negative_prompt_embeds=torch.randn(1, 6, 12, generator=generator),
+        negative_pooled_prompt_embeds=torch.randn(1, 12, generator=generator),
+        height=16,
+        width=16,
+        guidance_scale=4.0,
         output_type="pt",
     )
     return pipe, inputs
