@@ -237,14 +237,18 @@ class SequenceParallel:
         self.mode, self.group, self.world, self.rank = mode, group, dist.get_world_size(group), dist.get_rank(group)
         self._restore: list[tuple[Any, str, Any]] = []
         processor = SequenceParallelAttnProcessor(mode, group)
-        for block in blocks:
-            if blk.pairs_output(block):
-                self._install_joint(block, processor)
-                continue
-            attn = getattr(block, "attn1", None)
-            if attn is None:
-                raise UnsupportedArchitectureError(f"{type(block).__name__} has no self-attention attn1")
-            self._set_processor(attn, processor)
+        try:
+            for block in blocks:
+                if blk.pairs_output(block):
+                    self._install_joint(block, processor)
+                    continue
+                attn = getattr(block, "attn1", None)
+                if attn is None:
+                    raise UnsupportedArchitectureError(f"{type(block).__name__} has no self-attention attn1")
+                self._set_processor(attn, processor)
+        except UnsupportedArchitectureError:
+            self.remove()  # leave the model as it was
+            raise
         self._wrap(blocks[0], self._split_input)
         self._wrap(blocks[-1], functools.partial(self._gather_output, pairs=blk.pairs_output(blocks[-1])))
 

@@ -3,11 +3,12 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.diffusion.tiny_pipelines import dit, flux, pixart, run, sd3
+from tests.diffusion.tiny_pipelines import dit, flux, pixart, run, sd3, sd_unet
 
 
 def _free_port() -> int:
@@ -66,6 +67,7 @@ def test_two_gloo_ranks_equal_the_single_process_output():
 
 def _joint_rank(rank: int, world: int, port: int, results) -> None:
     from slimserve.diffusion.parallel import SequenceParallel
+    from slimserve.errors import UnsupportedArchitectureError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -92,6 +94,13 @@ def _joint_rank(rank: int, world: int, port: int, results) -> None:
                 parallel.remove()
                 outputs[f"{name} {mode} lengths"] = torch.tensor(seen).unique()
             outputs[f"{name} restored"] = run(pipe, inputs, steps=3)
+        pipe, inputs = flux()
+        pipe.transformer.fuse_qkv_projections()  # a processor layout it does not repeat: refused, model untouched
+        try:
+            SequenceParallel(pipe.transformer, "ulysses")
+        except UnsupportedArchitectureError as error:
+            outputs["refusal"] = str(error)
+        outputs["after refusal"] = run(pipe, inputs, steps=3)
         results[rank] = outputs
     finally:
         dist.destroy_process_group()
@@ -116,3 +125,14 @@ def test_joint_attention_blocks_on_two_gloo_ranks_equal_the_single_process_outpu
         flux_lengths = {image_tokens // 2, text_tokens + image_tokens // 2}
         assert set(outputs["flux ulysses lengths"].tolist()) == flux_lengths
         assert outputs["sd3 ring lengths"].tolist() == [image_tokens // 2]
+        assert "default unfused attention processor" in outputs["refusal"] and "\n" not in outputs["refusal"]
+        assert torch.allclose(outputs["after refusal"], outputs["flux single"], atol=1e-5)
+
+
+def test_unet_is_refused_in_one_line():
+    from slimserve.diffusion.parallel import SequenceParallel
+    from slimserve.errors import UnsupportedArchitectureError
+
+    pipe, _ = sd_unet()
+    with pytest.raises(UnsupportedArchitectureError, match="needs transformer blocks"):
+        SequenceParallel(pipe.unet)
