@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from slimserve.diffusion import distill
 from slimserve.diffusion.config import DistillationError, DistillConfig
@@ -21,22 +21,38 @@ SIZE = dict(height=16, width=16, max_sequence_length=8)
 def _sample(pipe, prompts, noise, steps, guidance, kind):
     pipe.set_progress_bar_config(disable=True)
     common = dict(prompt=prompts, latents=noise, num_inference_steps=steps, output_type="latent", height=16, width=16)
+    if kind == "flux_dev":  # the guidance is an embedding input: teacher and student both take it
+        return pipe(**common, max_sequence_length=8, guidance_scale=CONFIG["guidance_scale"]).images
     if kind == "flux":  # schnell-style Flux: true CFG against the empty caption
         guided = dict(true_cfg_scale=guidance, negative_prompt=[""] * len(prompts)) if guidance > 1 else {}
         return pipe(**common, max_sequence_length=8, **guided).images
     return pipe(**common, guidance_scale=guidance).images
 
 
-@pytest.mark.parametrize("kind", ["flux", "sd_unet"])
+def sd_v_prediction():
+    pipe = sd_with_text()
+    pipe.register_modules(scheduler=DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction"))
+    return pipe
+
+
+BUILDS = {
+    "flux": flux_with_text,
+    "flux_dev": lambda: flux_with_text(guidance_embeds=True),
+    "sd_unet": sd_with_text,
+    "sd_unet_v": sd_v_prediction,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDS))
 def test_text_student_learns_the_guided_trajectory_in_few_steps(tmp_path, kind):
     torch.manual_seed(0)
-    build = {"flux": flux_with_text, "sd_unet": sd_with_text}[kind]
-    build().save_pretrained(tmp_path / "teacher")
+    BUILDS[kind]().save_pretrained(tmp_path / "teacher")
     config = DistillConfig(**CONFIG, **SIZE, train_steps=80, checkpoint_every=80, lr=3e-3)
     student_dir = distill_steps(tmp_path / "teacher", tmp_path / "student", config, captions=CAPTIONS)
 
     recipe = json.loads((student_dir / "distillation.json").read_text())
-    assert recipe["num_inference_steps"] == 2 and recipe["guidance_scale"] == 1.0
+    guidance = CONFIG["guidance_scale"] if kind == "flux_dev" else 1.0  # dev-style keeps its guidance embedding
+    assert recipe["num_inference_steps"] == 2 and recipe["guidance_scale"] == guidance
     losses = recipe["losses"]
     assert len(losses) == 80 and sum(losses[-10:]) < 0.5 * sum(losses[:10])
 
@@ -51,7 +67,7 @@ def test_text_student_learns_the_guided_trajectory_in_few_steps(tmp_path, kind):
     distilled = _sample(student, prompts, noise, 2, 1.0, kind)
     assert ((distilled - target) ** 2).mean() < 0.5 * ((naive - target) ** 2).mean()
     images = student(
-        prompt=CAPTIONS[:2], num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="pt"
+        prompt=CAPTIONS[:2], num_inference_steps=2, guidance_scale=guidance, height=16, width=16, output_type="pt"
     ).images
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 

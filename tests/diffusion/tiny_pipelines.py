@@ -89,7 +89,8 @@ def pixart() -> tuple[Any, dict]:
     return pipe, inputs
 
 
-def flux() -> tuple[Any, dict]:
+def flux(guidance_embeds: bool = False) -> tuple[Any, dict]:
+    """Schnell-style by default; with guidance_embeds, dev-style (guidance distilled into an embedding)."""
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -101,6 +102,7 @@ def flux() -> tuple[Any, dict]:
         joint_attention_dim=12,
         pooled_projection_dim=12,
         axes_dims_rope=(2, 2, 4),
+        guidance_embeds=guidance_embeds,
     )
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
@@ -246,11 +248,11 @@ def tiny_clip(hidden: int, projection: int | None = None) -> Any:
     return CLIPTextModel(config).eval()
 
 
-def flux_with_text() -> Any:
+def flux_with_text(guidance_embeds: bool = False) -> Any:
     """The tiny Flux pipeline with its CLIP and T5 text encoders (tiny, random) and in-memory tokenizers."""
     from transformers import T5Config, T5EncoderModel
 
-    pipe, _ = flux()
+    pipe, _ = flux(guidance_embeds)
     torch.manual_seed(0)
     t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=12, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).eval()
     components = {**pipe.components, "text_encoder": tiny_clip(12), "tokenizer": tiny_tokenizer(8)}
