@@ -7,8 +7,9 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+kv-fp8|+kv-int8]; calibration is generic or self (default generic
-when the variant needs data); +rot folds randomized Hadamard rotations into the weights first.
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+kv-fp8|+kv-int8]; calibration is generic or self (default generic
+when the variant needs data); +rot folds randomized Hadamard rotations into the weights first and +mse
+searches each group's clipping range (the "mse" observer) instead of taking its min/max.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def parse_variant(text: str, group_size: int | None):
     for extra in extras:
         if extra == "rot":
             overrides["rotation"] = RotationConfig()
+        elif extra == "mse":
+            overrides["observer"] = "mse"
         else:
             overrides["kv_cache"] = kv_cache_preset(extra.removeprefix("kv-"))
     config = preset(scheme, **overrides)

@@ -5,7 +5,7 @@ import torch
 
 from slimserve.compress.args import QuantArgs
 from slimserve.compress.configs import GPTQOptions
-from slimserve.compress.quant.gptq import HessianAccumulator, gptq
+from slimserve.compress.quant.gptq import HessianAccumulator, _inverse_cholesky, gptq
 from slimserve.compress.quant.rtn import rtn
 
 
@@ -68,3 +68,15 @@ def test_dead_inputs_and_non_finite_hessian():
     assert torch.all(result.weight.q[:, 3] == 0)
     h[0, 0] = float("nan")
     assert gptq(w, h, args, GPTQOptions(), torch.float32) is None
+
+
+def test_inverse_cholesky_matches_the_factor_of_the_inverse():
+    """The reversed-order factorization gives the upper Cholesky factor of the damped inverse Hessian."""
+    x = _correlated_inputs(300, 96, seed=3).double()
+    h = 2 * x.t() @ x / x.shape[0]
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(96, dtype=h.dtype)
+    upper, damp = _inverse_cholesky(h.clone(), GPTQOptions(damping=0.01))
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert damp == pytest.approx(0.01)
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper, expected, rtol=1e-8, atol=1e-10)
