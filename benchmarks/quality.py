@@ -93,6 +93,12 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--chunk", type=int, default=4, help="variants evaluated side by side per reference pass")
+    p.add_argument(
+        "--extra-text",
+        nargs="*",
+        default=[],
+        help="more held-out texts (files used by no calibration), each evaluated like Persuasion",
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -100,9 +106,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     reference, tokenizer = load_causal_lm(args.model, torch.float32)
-    text, text_name = heldout_text()
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    wins = windows(ids, args.context, args.max_windows)
+    texts = {}  # name -> evaluation windows; the first (Persuasion) is the main table
+    for path in [None, *args.extra_text]:
+        text, text_name = heldout_text(path)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        texts[text_name] = windows(ids, args.context, args.max_windows)
+    text_name, wins = next(iter(texts.items()))
     variants = [(v, *parse_variant(v, args.group_size)) for v in args.variants]
 
     calibration: dict[str, Calibration] = {}
@@ -126,11 +135,12 @@ def main() -> None:
         "host": platform.node(),
         "text": text_name,
         "windows": len(wins),
+        "extra_texts": {text: {"windows": len(w)} for text, w in list(texts.items())[1:]},
         "context": args.context,
         "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, **timings},
         "note": REFERENCE_NOTE,
     }
-    rows: list[Row] = []
+    rows: dict[str, list[Row]] = {text: [] for text in texts}
     results: dict[str, dict] = {}
     for first in range(0, len(variants), args.chunk):
         models = {}
@@ -146,28 +156,37 @@ def main() -> None:
                 "gptq_fallbacks": report.gptq_fallbacks,
             }
             models[label] = model.to(device)
-        quality = compare(reference.to(device), models, wins)
-        if not rows:
-            rows.append(Row("reference (dequantized GGUF)", module_bytes(reference), quality["reference"]))
-            header["reference"] = quality["reference"].to_dict() | {"size_bytes": rows[0].size_bytes}
-        for label in models:
-            results[label].update(quality[label].to_dict())
-            rows.append(Row(label, results[label]["size_bytes"], quality[label], results[label]["calibration"]))
+        for text, text_wins in texts.items():
+            quality = compare(reference.to(device), models, text_wins)
+            main_text = text == text_name
+            if not rows[text]:
+                rows[text].append(Row("reference (dequantized GGUF)", module_bytes(reference), quality["reference"]))
+                ref = quality["reference"].to_dict() | {"size_bytes": rows[text][0].size_bytes}
+                (header if main_text else header["extra_texts"][text])["reference"] = ref
+            for label in models:
+                if main_text:
+                    results[label].update(quality[label].to_dict())
+                else:
+                    results[label].setdefault("extra_texts", {})[text] = quality[label].to_dict()
+                r = results[label]
+                rows[text].append(Row(label, r["size_bytes"], quality[label], r["calibration"]))
         del models
         gc.collect()
         # Written after every chunk, so a long run leaves its finished variants behind.
-        table = write_outputs(stem, name, header, results, rows, len(wins), args.context, text_name)
+        table = write_outputs(stem, name, header, results, rows, args.context, texts)
     print(REFERENCE_NOTE)
     print(table)
 
 
 def write_outputs(
-    stem: str, name: str, header: dict, results: dict, rows: list[Row], n_windows: int, context: int, text_name: str
+    stem: str, model_name: str, header: dict, results: dict, rows: dict[str, list[Row]], context: int, texts: dict
 ) -> str:
-    table = markdown(rows, f"{text_name}, {n_windows} windows of {context} tokens")
+    tables = [markdown(rows[name], f"{name}, {len(wins)} windows of {context} tokens") for name, wins in texts.items()]
+    table = "\n".join(tables)
     with open(stem + ".md", "w") as f:
-        f.write(f"# Quality of compression schemes: {name}\n\n{REFERENCE_NOTE}\n\n{table}")
-    plot(rows, stem + ".png", f"{name}: {text_name}, {n_windows} x {context} tokens")
+        f.write(f"# Quality of compression schemes: {model_name}\n\n{REFERENCE_NOTE}\n\n{table}")
+    main_text, wins = next(iter(texts.items()))
+    plot(rows[main_text], stem + ".png", f"{model_name}: {main_text}, {len(wins)} x {context} tokens")
     date = datetime.datetime.now(datetime.timezone.utc).isoformat()
     with open(stem + ".json", "w") as f:
         json.dump({**header, "date": date, "variants": results}, f, indent=2)

@@ -30,6 +30,7 @@ class GPTQOptions:
 @dataclass
 class AWQOptions:
     grid: int = 20  # scale exponents alpha in [0, 1) tried per balance group
+    duo_scaling: bool = True  # s = mean|x|^alpha / mean(|w| / group absmax)^(1 - alpha), as AutoAWQ does
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clipping ratio tried

@@ -20,15 +20,19 @@ def markdown(rows: list[Row], text_name: str) -> str:
     lines = [
         f"Perplexity on {text_name}; KL divergence and top-1 agreement against the reference.",
         "",
-        "| model | calibration | size (MB) | perplexity | KL (nats/token) | top-1 agreement | tokens |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | calibration | size (MB) | perplexity | vs reference | KL (nats/token) | top-1 agreement | tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    reference = next((r.quality.perplexity for r in rows if r.quality.kl_divergence is None), None)
     for r in rows:
         q = r.quality
         kl = "-" if q.kl_divergence is None else f"{q.kl_divergence:.4f}"
         top1 = "-" if q.top1_agreement is None else f"{100 * q.top1_agreement:.2f}%"
         size = f"{r.size_bytes / 2**20:.1f}"
-        lines.append(f"| {r.name} | {r.calibration} | {size} | {q.perplexity:.3f} | {kl} | {top1} | {q.tokens} |")
+        rise = "-" if q.kl_divergence is None or not reference else f"{100 * (q.perplexity / reference - 1):+.2f}%"
+        lines.append(
+            f"| {r.name} | {r.calibration} | {size} | {q.perplexity:.3f} | {rise} | {kl} | {top1} | {q.tokens} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -44,14 +44,16 @@ def test_smoothquant_flattens_activation_outliers():
     assert torch.allclose(act / s, (w * s).abs().amax(0))  # alpha 0.5 balances both ranges
 
 
-def test_awq_scale_and_clip_never_hurt():
+@pytest.mark.parametrize("duo_scaling", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_scale_and_clip_never_hurt(duo_scaling, symmetric):
     torch.manual_seed(0)
     x = torch.randn(256, 64) * (torch.rand(64) * 10)
     w = torch.randn(32, 64)
-    args = QuantArgs(4, "int", True, "group", 32)
-    opts = AWQOptions()
+    args = QuantArgs(4, "int", symmetric, "group", 32)
+    opts = AWQOptions(duo_scaling=duo_scaling)
     s, err, plain = awq.search_scale([w], x, x.abs().mean(0), args, opts)
-    assert err <= plain
+    assert err < plain  # activation outliers this large always leave something to protect
     ref = x @ w.t()
     scaled = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
     assert ((x @ scaled.t() - ref) ** 2).mean().item() < plain
@@ -59,3 +61,10 @@ def test_awq_scale_and_clip_never_hurt():
     plain_q = qdq.fake_quantize_weight(w, args, torch.float32)
     clip_q = qdq.fake_quantize_weight(clipped, args, torch.float32)
     assert ((x @ clip_q.t() - ref) ** 2).mean() <= ((x @ plain_q.t() - ref) ** 2).mean()
+
+
+def test_awq_weight_mean_is_relative_to_each_group():
+    w = torch.tensor([[1.0, -2.0, 4.0, 8.0], [0.0, 1.0, -1.0, 0.5]])
+    args = QuantArgs(4, "int", True, "group", 2)
+    expected = torch.tensor([[0.5, 1.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.5]]).mean(0)
+    assert torch.allclose(awq.weight_mean(w, args), expected, atol=1e-5)

@@ -7,7 +7,7 @@ from slimserve.compress import Calibration, Int4WeightOnly, quantize_
 from slimserve.compress.calibration import advance_inputs, capture_inputs
 from slimserve.compress.corpus import generic_samples, generic_texts, token_windows
 from slimserve.compress.errors import CalibrationError
-from slimserve.compress.selfgen import self_samples
+from slimserve.compress.selfgen import CHAT_REQUESTS, PROMPTS, _prompts, self_samples
 
 from .conftest import byte_tokenizer, samples, tiny_model
 
@@ -74,3 +74,14 @@ def test_self_calibration_writes_full_length_samples():
     assert len(data) == 3 and all(s.shape == (1, 24) for s in data)
     again = self_samples(model, tok, num_samples=3, seq_len=24, batch_size=2)
     assert all(torch.equal(a, b) for a, b in zip(data, again))  # seeded
+
+
+def test_self_calibration_prompts_mix_chat_turns_and_plain_openings():
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    n = len(PROMPTS) + len(CHAT_REQUESTS)
+    texts = [tok.decode(p) for p in _prompts(tok, n, seq_len=4096, seed=0)]
+    chats = [t for t in texts if t.startswith("<|user|>") and t.endswith("<|assistant|>")]
+    assert len(chats) == len(CHAT_REQUESTS) and len(set(texts)) == n  # every start used once
+    assert any(t.startswith("<|user|>") for t in texts[:8]) and not all(t.startswith("<|user|>") for t in texts[:8])
+    assert max(len(p) for p in _prompts(tok, n, seq_len=40, seed=0)) <= 20  # prompts leave room to generate

@@ -43,24 +43,36 @@ class InputSampler:
         return x if x.shape[0] <= k else self._subsample(x, k)
 
 
+def weight_mean(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Mean over output rows of |w| relative to its group's absmax, per input channel: how much of its
+    group's range each input channel's weights use."""
+    rows, cols = w.shape
+    gs = args.group_size if args.strategy == "group" else cols
+    wg = w.abs().view(rows, cols // gs, gs)
+    return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view(rows, cols).mean(0)
+
+
 @torch.no_grad()
 def search_scale(
     weights: list[torch.Tensor], x: torch.Tensor, x_mean_abs: torch.Tensor, args: QuantArgs, opts: AWQOptions
 ) -> tuple[torch.Tensor, float, float]:
-    """The per-input-channel scale s = mean|x|^alpha (alpha on a grid) that minimizes the output error of
-    the linears fed by x when their weights W * s are rounded. Returns s, the best error and the error
-    without scaling (alpha = 0)."""
+    """The per-input-channel scale s = mean|x|^alpha (alpha on a grid), divided by the weights' relative
+    magnitude^(1 - alpha) with duo scaling, that minimizes the output error of the linears fed by x when their
+    weights W * s are rounded. Returns s, the best error and the error without scaling (s = 1)."""
     w = torch.cat([t.float() for t in weights])
     ref = x @ w.t()
-    best, best_err, plain_err = torch.ones_like(x_mean_abs), float("inf"), float("inf")
+    w_mean = weight_mean(w, args) if opts.duo_scaling else None
+    plain_err = (x @ qdq.fake_quantize_weight(w, args, torch.float32).t() - ref).pow(2).mean().item()
+    best, best_err = torch.ones_like(x_mean_abs), plain_err
     for k in range(opts.grid):
         alpha = k / opts.grid
-        s = x_mean_abs.pow(alpha).clamp(min=1e-4)
+        s = x_mean_abs.pow(alpha)
+        if w_mean is not None:
+            s = s / (w_mean.pow(1 - alpha) + 1e-4)
+        s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         wq = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
         err = (x @ wq.t() - ref).pow(2).mean().item()
-        if k == 0:
-            plain_err = err
         if err < best_err:
             best, best_err = s, err
     return best, best_err, plain_err
