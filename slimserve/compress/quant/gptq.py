@@ -125,31 +125,41 @@ def _gptq(
     hinv, damp = inv
 
     # Blocks hold whole groups so that a group's dynamic scale is set while all its columns are in the block.
+    # The loop runs on the transpose, where a column is a contiguous row and its error update one BLAS ger.
     bs = max(opts.block_size // gs, 1) * gs if not static else opts.block_size
-    Q = torch.zeros_like(W)
+    Wt = W.t().contiguous()
+    del W
+    Qt = torch.zeros_like(Wt)
+    scale_t = scale.float().t().contiguous()
+    zp_t = None if zp is None else zp.float().t().contiguous()
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = order[i1 + i]
             g = col // gs
             if not static and col % gs == 0:
-                s, z = _column_params(W1[:, i : i + gs], args, dtype, observer)
+                s, z = _column_params(W1[i : i + gs].t(), args, dtype, observer)
                 scale[:, g : g + 1] = s
+                scale_t[g] = s[:, 0].float()
                 if zp is not None:
                     zp[:, g : g + 1] = z
-            s = scale[:, g].float()
-            z = None if zp is None else zp[:, g].float()
-            scaled = W1[:, i] / s + (0 if z is None else z)
-            q = scaled.clamp(args.qmin, args.qmax).round()
-            deq = (q - (0 if z is None else z)) * s
-            Q[:, i1 + i] = q
-            e = (W1[:, i] - deq) / hinv1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                    zp_t[g] = z[:, 0].float()
+            s = scale_t[g]
+            if zp_t is None:
+                q = (W1[i] / s).clamp_(args.qmin, args.qmax).round_()
+                deq = q * s
+            else:
+                z = zp_t[g]
+                q = (W1[i] / s + z).clamp_(args.qmin, args.qmax).round_()
+                deq = (q - z) * s
+            Qt[i1 + i] = q
+            e = (W1[i] - deq) / hinv1[i, i]
+            W1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+            err1[i] = e
+        Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
 
-    Q = Q[:, torch.argsort(perm)]
+    Q = Qt.t()[:, torch.argsort(perm)]
     return GPTQResult(QuantizedWeight(Q.to(torch.int8), scale, zp), damp)
