@@ -7,6 +7,8 @@ permutation (g_idx) and loads in every runtime."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,21 @@ class HessianAccumulator:
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.h.addmm_(x.t(), x)
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """The per-column steps are vector operations far too small to split: on the CPU, more threads only add
+    synchronization, which costs many times the work itself when other processes load the cores."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -137,28 +154,29 @@ def _gptq(
         W1 = Wt[i1:i2].clone()
         err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = order[i1 + i]
-            g = col // gs
-            if not static and col % gs == 0:
-                s, z = _column_params(W1[i : i + gs].t(), args, dtype, observer)
-                scale[:, g : g + 1] = s
-                scale_t[g] = s[:, 0].float()
-                if zp is not None:
-                    zp[:, g : g + 1] = z
-                    zp_t[g] = z[:, 0].float()
-            s = scale_t[g]
-            if zp_t is None:
-                q = (W1[i] / s).clamp_(args.qmin, args.qmax).round_()
-                deq = q * s
-            else:
-                z = zp_t[g]
-                q = (W1[i] / s + z).clamp_(args.qmin, args.qmax).round_()
-                deq = (q - z) * s
-            Qt[i1 + i] = q
-            e = (W1[i] - deq) / hinv1[i, i]
-            W1[i:].addr_(hinv1[i, i:], e, alpha=-1)
-            err1[i] = e
+        with _one_thread_on_cpu(Wt.device):
+            for i in range(i2 - i1):
+                col = order[i1 + i]
+                g = col // gs
+                if not static and col % gs == 0:
+                    s, z = _column_params(W1[i : i + gs].t(), args, dtype, observer)
+                    scale[:, g : g + 1] = s
+                    scale_t[g] = s[:, 0].float()
+                    if zp is not None:
+                        zp[:, g : g + 1] = z
+                        zp_t[g] = z[:, 0].float()
+                s = scale_t[g]
+                if zp_t is None:
+                    q = (W1[i] / s).clamp_(args.qmin, args.qmax).round_()
+                    deq = q * s
+                else:
+                    z = zp_t[g]
+                    q = (W1[i] / s + z).clamp_(args.qmin, args.qmax).round_()
+                    deq = (q - z) * s
+                Qt[i1 + i] = q
+                e = (W1[i] - deq) / hinv1[i, i]
+                W1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+                err1[i] = e
         Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
 
     Q = Qt.t()[:, torch.argsort(perm)]
