@@ -15,6 +15,7 @@ searches each group's clipping range (the "mse" observer) instead of taking its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -30,6 +31,7 @@ from slimserve.compress import Calibration, preset, quantize_
 from slimserve.compress.configs import kv_cache_preset
 from slimserve.compress.corpus import generic_samples
 from slimserve.compress.loading import load_causal_lm
+from slimserve.compress.modules import dequantized_once
 from slimserve.compress.rotation import RotationConfig
 from slimserve.compress.selfgen import self_samples
 from slimserve.eval.metrics import compare, windows
@@ -157,7 +159,10 @@ def main() -> None:
             }
             models[label] = model.to(device)
         for text, text_wins in texts.items():
-            quality = compare(reference.to(device), models, text_wins)
+            with contextlib.ExitStack() as stack:
+                for model in models.values():
+                    stack.enter_context(dequantized_once(model))  # unpacked once, not at every window
+                quality = compare(reference.to(device), models, text_wins)
             main_text = text == text_name
             if not rows[text]:
                 rows[text].append(Row("reference (dequantized GGUF)", module_bytes(reference), quality["reference"]))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from slimserve.compress.configs import QuantConfig
 from slimserve.compress.layer import LayerQuantizer
+from slimserve.compress.modules import dequantized_once
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb, reset_peak_memory
 from slimserve.compress.structure import decoder_layers
 
@@ -111,8 +112,9 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[st
 def advance_inputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> None:
     """Replace each sample's hidden states by the layer's output, one sample at a time, so that the inputs
     and the outputs of the whole calibration set never both sit in accelerator memory."""
-    for j, kw in enumerate(kwargs):
-        hidden[j] = _layer_output(layer(hidden[j], **kw))
+    with dequantized_once(layer):
+        for j, kw in enumerate(kwargs):
+            hidden[j] = _layer_output(layer(hidden[j], **kw))
 
 
 # What one layer's step does: calibrate on `run` (one pass over the calibration set; None without samples),

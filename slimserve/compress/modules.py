@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +54,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.input_scale = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.cached_weight: torch.Tensor | None = None  # set only inside `dequantized_once`
 
     def codes(self) -> torch.Tensor:
         """The integer codes (int8) or FP8 values, unpacked."""
@@ -70,10 +74,25 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_args is not None:
             x = qdq.fake_quantize_activation(x, self.input_args, self.input_scale)
-        w = self.dequantized_weight()
+        w = self.cached_weight if self.cached_weight is not None else self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         w = self.weight_args
         act = "" if self.input_args is None else f", act={self.input_args.type}{self.input_args.num_bits}"
         return f"{self.in_features}->{self.out_features}, w={w.type}{w.num_bits}/{w.strategy}{act}, {self.format}"
+
+
+@contextmanager
+def dequantized_once(module: nn.Module) -> Iterator[None]:
+    """Within the block, every QuantizedLinear under `module` unpacks and dequantizes its weight once instead
+    of at every call (for many forward passes: calibration, evaluation). The float copies take the memory
+    the float layers took, and are dropped at the end."""
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    for m in layers:
+        m.cached_weight = m.dequantized_weight()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cached_weight = None

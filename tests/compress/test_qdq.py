@@ -107,3 +107,24 @@ def test_pack_known_word():
 def test_bad_args_raise(kw):
     with pytest.raises(QuantConfigError):
         QuantArgs(**kw)
+
+
+def test_dequantized_once_caches_inside_the_block_only():
+    from torch import nn
+
+    from slimserve.compress.modules import QuantizedLinear, dequantized_once
+    from slimserve.compress.quant.rtn import rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    args = QuantArgs(4, "int", False, "group", 32)
+    qw = rtn(w, args, torch.float32)
+    lin = QuantizedLinear(qw.q, qw.scale, qw.zero_point, None, args, None, "pack-quantized")
+    model = nn.Sequential(lin)
+    x = torch.randn(3, 64)
+    plain = model(x)
+    with dequantized_once(model):
+        assert torch.equal(lin.cached_weight, lin.dequantized_weight())
+        assert torch.equal(model(x), plain)
+    assert lin.cached_weight is None
+    assert "cached_weight" not in dict(lin.named_buffers())  # never part of the checkpoint
