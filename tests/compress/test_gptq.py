@@ -80,3 +80,14 @@ def test_inverse_cholesky_matches_the_factor_of_the_inverse():
     assert damp == pytest.approx(0.01)
     assert torch.equal(upper, upper.triu())
     assert torch.allclose(upper, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [96, 1000])
+def test_hessian_tiles_cover_the_whole_matrix(dim):
+    """Wide inputs accumulate only the upper tiles; reading h gives the full symmetric matrix."""
+    x = torch.randn(300, dim, generator=torch.Generator().manual_seed(4))
+    acc = HessianAccumulator(dim, torch.device("cpu"))
+    for chunk in x.split(128):
+        acc.add(chunk)
+    assert torch.allclose(acc.h, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(acc.h, acc.h.t())
