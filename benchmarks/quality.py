@@ -101,6 +101,9 @@ def main() -> None:
         default=[],
         help="more held-out texts (files used by no calibration), each evaluated like Persuasion",
     )
+    p.add_argument(
+        "--awq-tokens", type=int, help="calibration tokens AWQ scores its scale search on (default: AWQOptions')"
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -115,6 +118,9 @@ def main() -> None:
         texts[text_name] = windows(ids, args.context, args.max_windows)
     text_name, wins = next(iter(texts.items()))
     variants = [(v, *parse_variant(v, args.group_size)) for v in args.variants]
+    for _, config, _ in variants:
+        if args.awq_tokens:
+            config.awq.max_tokens = args.awq_tokens
 
     calibration: dict[str, Calibration] = {}
     timings: dict[str, float] = {}

@@ -3,7 +3,7 @@ and the preset names of llm-compressor (W4A16, W8A8, FP8_DYNAMIC, ...)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from slimserve.compress.args import QuantArgs
@@ -124,6 +124,8 @@ class QuantConfig:
             "ignore": list(self.ignore),
             "moe_calibrate_all_experts": self.moe_calibrate_all_experts,
             "observer": self.observer,
+            "awq": asdict(self.awq) if self.method == "awq" else None,
+            "gptq": asdict(self.gptq) if self.method == "gptq" else None,
             "rotation": None if self.rotation is None else self.rotation.describe(),
         }
 
