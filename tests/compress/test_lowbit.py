@@ -103,6 +103,21 @@ def test_mse_observer_beats_minmax(bits):
     assert _rel(mse, w) < _rel(minmax, w)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mse_observer_early_stop_keeps_the_exhaustive_optimum(bits, monkeypatch):
+    """Stopping once no row improves for a few ratios loses (almost) nothing against trying every ratio."""
+    w = _weights(heavy_tailed=True).reshape(-1, 64)
+    args = QuantArgs(bits, "int", False, "group", 64)
+
+    def error(lo, hi):
+        return observers._row_error(w, lo, hi, args).sum().item()
+
+    early = error(*observers.mse_row_range(w, args))
+    monkeypatch.setattr(observers, "MSE_PATIENCE", observers.MSE_STEPS)
+    exhaustive = error(*observers.mse_row_range(w, args))
+    assert exhaustive <= early <= 1.01 * exhaustive
+
+
 # HQQ moves zero points only: on very heavy tails at 2 bits the min/max scale itself is the problem.
 @pytest.mark.parametrize("bits,heavy_tailed", [(2, False), (3, True), (4, True)])
 def test_hqq_beats_minmax(bits, heavy_tailed):

@@ -1,6 +1,7 @@
 """Weight range observers: "minmax" takes each group's own range; "mse" shrinks it by the ratio that minimizes
 the group's rounding error (|w - Q(w)|^2.4 summed), which matters most at 2 and 3 bits and for ternary codes,
-where clipping a few large weights buys a much finer grid for all the others."""
+where clipping a few large weights buys a much finer grid for all the others. As in llm-compressor's MSE
+observer, the search stops early once shrinking further has stopped helping any row."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ OBSERVERS = ("minmax", "mse")
 MSE_STEPS = 50  # ratios tried, from 1 down to MSE_MIN_RATIO
 MSE_MIN_RATIO = 0.2
 MSE_NORM = 2.4
+MSE_PATIENCE = 5  # the search stops once this many ratios in a row improved no row
 
 
 def _row_error(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -28,10 +30,14 @@ def mse_row_range(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch
     lo0, hi0 = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
     best_lo, best_hi = lo0, hi0
     best = _row_error(w, lo0, hi0, args)
+    stale = 0
     for step in range(1, MSE_STEPS):
         r = 1 - step * (1 - MSE_MIN_RATIO) / (MSE_STEPS - 1)
         err = _row_error(w, lo0 * r, hi0 * r, args)
         better = err < best
+        stale = 0 if better.any() else stale + 1
+        if stale == MSE_PATIENCE:
+            break
         best = torch.where(better, err, best)
         best_lo, best_hi = torch.where(better, lo0 * r, best_lo), torch.where(better, hi0 * r, best_hi)
     return best_lo, best_hi
