@@ -12,11 +12,12 @@ from slimserve.compress import preset, quantize_, save_compressed
 from slimserve.compress.configs import DEFAULT_IGNORE
 from slimserve.errors import CheckpointError
 from slimserve.layers.moe_fp8 import Fp8FusedExperts
+from tests.parallel.engine_outputs import ENGINE as ONE_PROCESS_ENGINE
+from tests.parallel.engine_outputs import PROMPTS, assert_logprobs_equal
 from tests.tiny_models import VOCAB, build_tiny_model
 
-PROMPTS = [[5, 6, 7, 8], list(range(10, 40)), [300, 301, 302, 303, 304, 305, 306]]
 # One thread per rank: two ranks share two cores.
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4, cpu_threads=1)
+ENGINE = dict(ONE_PROCESS_ENGINE, cpu_threads=1)
 EXPERTS_ONLY = DEFAULT_IGNORE + ("re:.*self_attn\\..*", "re:.*shared_expert\\..*")
 
 
@@ -50,11 +51,7 @@ def test_fp8_experts_two_ranks_equal_one(tmp_path, scheme, expert_parallel):
     llm.engine.shutdown()
     for want, have in zip(expected, got):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        for step_want, step_have in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
-            ids = sorted(step_want)
-            a = torch.tensor([step_want[i] for i in ids])
-            b = torch.tensor([step_have.get(i, float("nan")) for i in ids])
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert_logprobs_equal(want, have)
 
 
 def test_quantized_dense_layers_refuse_two_ranks(tmp_path):

@@ -4,13 +4,10 @@ attention and the shared expert split by heads and features; same greedy tokens 
 the single-process engine."""
 
 import pytest
-import torch
 
 from slimserve import LLM, SamplingParams
+from tests.parallel.engine_outputs import ENGINE, PROMPTS, assert_logprobs_equal
 from tests.tiny_models import VOCAB, build_tiny_model
-
-PROMPTS = [[5, 6, 7, 8], list(range(10, 40)), [300, 301, 302, 303, 304, 305, 306]]
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4)
 
 
 @pytest.mark.parametrize("expert_parallel", [True, False], ids=["ep", "tp"])
@@ -23,8 +20,4 @@ def test_moe_two_ranks_equal_one(tmp_path, expert_parallel):
     llm.engine.shutdown()
     for want, have in zip(expected, got):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
-        for step_want, step_have in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
-            ids = sorted(step_want)
-            a = torch.tensor([step_want[i] for i in ids])
-            b = torch.tensor([step_have.get(i, float("nan")) for i in ids])
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert_logprobs_equal(want, have)

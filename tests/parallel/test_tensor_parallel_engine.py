@@ -3,14 +3,11 @@ single-process engine's greedy tokens and full-vocabulary log-probabilities, thr
 multi-step decode windows and seeded sampling."""
 
 import pytest
-import torch
 
 from slimserve import LLM, SamplingParams
 from slimserve.errors import SlimserveError
+from tests.parallel.engine_outputs import ENGINE, PROMPTS, assert_logprobs_equal
 from tests.tiny_models import VOCAB, build_tiny_model
-
-PROMPTS = [[5, 6, 7, 8], list(range(10, 40)), [300, 301, 302, 303, 304, 305, 306]]
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_decode_steps=4)
 
 
 def run(llm: LLM) -> list:
@@ -29,12 +26,8 @@ def test_two_ranks_equal_one(tmp_path):
     for want, have in zip(expected, got):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
     for want, have in zip(expected[:-1], got[:-1]):
-        for step_want, step_have in zip(want.outputs[0].logprobs, have.outputs[0].logprobs):
-            assert len(step_have) == VOCAB
-            ids = sorted(step_want)
-            a = torch.tensor([step_want[i] for i in ids])
-            b = torch.tensor([step_have.get(i, float("nan")) for i in ids])
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert all(len(step) == VOCAB for step in have.outputs[0].logprobs)
+        assert_logprobs_equal(want, have)
 
 
 def test_unsplittable_model_fails_before_spawning(llama_folder):

@@ -2,8 +2,6 @@
 fresh random inputs: odd sizes, group sizes 32/64/128 and per channel, zero points, split K, both weight layouts,
 FP8 activations, and act-order weights as a GPTQ layer holds them."""
 
-import random
-
 import pytest
 import torch
 
@@ -11,27 +9,9 @@ pytest.importorskip("triton")
 
 from slimserve.kernels.fp8_quant_ref import quantize_fp8_ref  # noqa: E402
 from slimserve.kernels.quant_gemm import GemvConfig, int_gemv_triton, quant_gemm_triton  # noqa: E402
-from slimserve.kernels.quant_gemm_ref import QuantWeight, pack_codes, quant_gemm_ref  # noqa: E402
+from slimserve.kernels.quant_gemm_ref import pack_codes, quant_gemm_ref  # noqa: E402
 from tests.quant.test_layers import SHARDS, K, build  # noqa: E402
-
-
-def generator() -> tuple[torch.Generator, int]:
-    seed = random.randrange(2**31)
-    return torch.Generator().manual_seed(seed), seed
-
-
-def int_weight(n: int, k: int, bits: int, group: int | None, zeros: bool, gen: torch.Generator) -> QuantWeight:
-    group = group or k
-    groups = -(-k // group)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    scales = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
-    z = torch.randint(0, 1 << bits, (n, groups), generator=gen).float() if zeros else None
-    return QuantWeight(pack_codes(codes, bits), scales, z, bits, group, k, n)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
+from tests.quant.test_quant_gemm import generator, int_weight, rel_err  # noqa: E402
 
 # (M, N, K, group, config): one K tile per group or several groups per tile, a K tail, split K into 1-3 slices.
 CASES = [
