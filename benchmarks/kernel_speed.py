@@ -28,7 +28,7 @@ from slimserve.kernels.activation import silu_and_mul_triton
 from slimserve.kernels.activation_ref import silu_and_mul_ref
 from slimserve.kernels.attention import paged_attention, paged_attention_triton
 from slimserve.kernels.attention_ref import paged_attention_ref
-from slimserve.kernels.gemv import _gemv_tuned, gemv_triton, norm_gemv_triton, silu_mul_gemv_triton
+from slimserve.kernels.gemv import _gemv_tuned, norm_gemv_triton, silu_mul_gemv_triton
 from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref
 from slimserve.kernels.norm import rms_norm_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
@@ -216,7 +216,7 @@ def bench_silu(name: str, m: ModelShape, tokens: int) -> Row:
 
 def bench_gemv(name: str, m: ModelShape) -> list[Row]:
     """Batch-1 decode GEMVs with their fused prologue against the unfused kernels (Triton norm or SiLU, then
-    cuBLAS) at each projection of the model; bandwidth counts the weight bytes."""
+    cuBLAS) at q|k|v, gate|up and down; bandwidth counts the weight bytes."""
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=DTYPE)  # noqa: E731
     x, res, norm_w = rand(1, m.hidden), rand(1, m.hidden), 1 + 0.1 * rand(m.hidden)
@@ -246,13 +246,6 @@ def bench_gemv(name: str, m: ModelShape) -> list[Row]:
     fused.kernel += f" {_gemv_tuned.best_config}"
     unfused = lambda: torch.nn.functional.linear(silu_and_mul_triton(gate_up), w)  # noqa: E731
     rows += [fused, memory_row("silu, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
-    w = rand(m.hidden, q) / q**0.5
-    xo = rand(1, q)
-    err = rel_error(gemv_triton(xo, w), torch.nn.functional.linear(xo, w))
-    shape, nbytes = f"o {m.hidden}x{q}", w.numel() * DTYPE.itemsize
-    plain = memory_row("gemv", name, shape, err, lambda: gemv_triton(xo, w), nbytes)
-    plain.kernel += f" {_gemv_tuned.best_config}"
-    rows += [plain, memory_row("cuBLAS", name, shape, 0.0, lambda: torch.nn.functional.linear(xo, w), nbytes)]
     return rows
 
 

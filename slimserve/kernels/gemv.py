@@ -44,7 +44,6 @@ if HAS_TRITON:
         eps,
         NORM: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
-        SILU_MUL: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -73,14 +72,12 @@ if HAS_TRITON:
                     if pid_n == 0:
                         tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
                 a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
-            elif SILU_MUL:
+            else:  # the gated SiLU of x = cat(gate, up)
                 gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
                 up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
                 # torch rounds silu(gate) to the input dtype before the product; so does this.
                 act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
                 a = (act * up).to(dtype).to(tl.float32)
-            else:
-                a = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc += w.to(tl.float32) * a[None, :]
         y = tl.sum(acc, axis=1)
@@ -102,7 +99,7 @@ if HAS_TRITON:
     # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
     _gemv_tuned = triton.autotune(
         _tuning_configs(),
-        key=["N", "K", "NORM", "HAS_RESIDUAL", "SILU_MUL"],
+        key=["N", "K", "NORM", "HAS_RESIDUAL"],
         do_bench=lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles),
     )(_gemv_kernel)
 
@@ -112,15 +109,15 @@ def _launch(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
-    in_features: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    silu_mul: bool = False,
     block: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel on rows of x; `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
+    """Run the kernel on rows of x: with the RMSNorm prologue when there is a norm weight, else with the gated
+    SiLU of x = cat(gate, up). `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
     n, k = weight.shape
+    in_features = x.shape[-1] if norm_weight is not None else x.shape[-1] // 2
     if k != in_features:
         raise ValueError(f"weight has {k} input features, the input {in_features}")
     x2 = x.reshape(-1, x.shape[-1])
@@ -158,7 +155,6 @@ def _launch(
     flags = dict(
         NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None,
-        SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None,
     )
     if block is None:
@@ -183,7 +179,6 @@ def norm_gemv_triton(
         x,
         weight,
         bias,
-        in_features=x.shape[-1],
         norm_weight=norm_weight,
         eps=eps,
         residual=residual,
@@ -199,7 +194,7 @@ def silu_mul_gemv_triton(
     block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same contract as silu_mul_gemv_ref."""
-    return _launch(x, weight, bias, in_features=x.shape[-1] // 2, silu_mul=True, block=block)[0]
+    return _launch(x, weight, bias, block=block)[0]
 
 
 def norm_gemv(
@@ -219,13 +214,3 @@ def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if use_triton(x):
         return silu_mul_gemv_triton(x, weight, bias)
     return silu_mul_gemv_ref(x, weight, bias)
-
-
-def gemv_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    block: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """linear(x, weight, bias) for a few rows, without a prologue."""
-    return _launch(x, weight, bias, in_features=x.shape[-1], block=block)[0]
