@@ -157,7 +157,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and _streamable(self.self_attn.qkv_proj):
             return self._forward_one_token(positions, x, residual, meta)
         # The residual add is fused into the next norm: each norm returns (normed, new residual).
         if residual is None:
@@ -171,16 +171,12 @@ class LlamaDecoderLayer(nn.Module):
     def _forward_one_token(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-1 decode: each norm (with its residual add) and the gated SiLU run inside the GEMV after
-        it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
+        """Batch-1 decode with a dense q|k|v: each norm (with its residual add) and the gated SiLU run inside
+        the GEMV after it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        if _streamable(attn.qkv_proj):
-            qkv_proj = attn.qkv_proj
-            qkv, residual = norm_gemv(x, qkv_proj.weight, qkv_proj.bias, norm1.weight, norm1.eps, residual)
-        else:
-            x, residual = (norm1(x), x) if residual is None else norm1(x, residual)
-            qkv = attn.qkv_proj(x)
+        qkv_proj = attn.qkv_proj
+        qkv, residual = norm_gemv(x, qkv_proj.weight, qkv_proj.bias, norm1.weight, norm1.eps, residual)
         x = attn.attend(positions, qkv, meta)
         dense_mlp = isinstance(mlp, LlamaMLP) and _streamable(mlp.gate_up_proj) and _streamable(mlp.down_proj)
         if not dense_mlp or mlp.down_proj.parallel.is_parallel:
