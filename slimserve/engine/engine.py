@@ -105,6 +105,8 @@ class LLMEngine:
         decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
         self.speculative = build_speculative(spec, config, self.runner) if spec else None
+        if self.speculative:
+            self.speculative.eos_token_ids = self.eos_token_ids
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self.kv_cache_plan = describe_kv_cache(
@@ -162,7 +164,8 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         spec = self.speculative
-        lookahead = spec.lookahead(len(self.scheduler.running)) if spec else 0
+        window = spec.window(self.scheduler) if spec else 1
+        lookahead = spec.lookahead(len(self.scheduler.running), window) if spec else 0
         batch = self.scheduler.schedule(lookahead)
         if not batch.seqs:
             return []
@@ -174,7 +177,7 @@ class LLMEngine:
         if spec:
             spec.release(self.requests)
             if lookahead and batch.is_decode_only:
-                result = spec.execute(batch)
+                result = spec.execute(batch, window)
         speculated = result is not None
         if result is None:
             result = self.runner.execute(batch)

@@ -51,7 +51,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _decode_window(self) -> int:
+    def decode_window(self) -> int:
         """How many decode steps to run without the host: several only when every running sequence is
         decoding, no waiting request could take a slot meanwhile, and none uses penalties (which need the
         previous token on the host). Never past max_model_len, and no longer than anyone still needs."""
@@ -68,7 +68,7 @@ class Scheduler:
     def schedule(self, num_lookahead_slots: int = 0) -> ScheduledBatch:
         """num_lookahead_slots: KV slots to reserve past a decoding sequence's next token (for speculative
         drafts), where the free blocks allow it without preempting anyone; such steps run one at a time."""
-        batch = ScheduledBatch(num_steps=1 if num_lookahead_slots else self._decode_window())
+        batch = ScheduledBatch(num_steps=1 if num_lookahead_slots else self.decode_window())
         budget = self.max_num_batched_tokens
         # Running sequences, oldest first; preempt from the newest end when blocks run out.
         i = 0

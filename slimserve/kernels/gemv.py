@@ -4,7 +4,8 @@ At batch 1 a decoder layer is a chain of kernels too small to reach the memory b
 (with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
 kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
 L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
-per (BLOCK_N output features, input row); the block shape is tuned per (N, K) on the GPU.
+per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU. A few rows (a
+small decode batch, or one sequence's speculative drafts) share each weight block through L2.
 """
 
 import torch
@@ -48,8 +49,10 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
+        # Rows vary fastest: the programs of one weight block run together, so a few rows read it from
+        # memory once and from L2 after that.
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty
         x_ptr += row.to(tl.int64) * stride_x
         res_ptr += row.to(tl.int64) * stride_res
@@ -158,10 +161,10 @@ def _launch(
         HAS_BIAS=bias is not None,
     )
     if block is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)  # noqa: E731
+        grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _gemv_tuned[grid](*args, **flags)
     else:
-        _gemv_kernel[(triton.cdiv(n, block[0]), rows)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        _gemv_kernel[(rows, triton.cdiv(n, block[0]))](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
     return out.view(*x.shape[:-1], n), new_residual
 
 

@@ -47,6 +47,11 @@ def _quantized(
     return layer
 
 
+# Up to this many rows, a decoder layer runs the fused norm/SiLU GEMVs instead of GEMMs with separate norm
+# and activation kernels: a small decode batch or a speculative verification reads the weights once from memory.
+FUSED_GEMV_MAX_ROWS = 8
+
+
 def _streamable(linear: nn.Module) -> bool:
     """A dense weight matrix that the fused decode GEMVs can read (not quantized, not 2:4-compressed)."""
     return isinstance(linear, Linear) and type(linear.weight.data) is torch.Tensor
@@ -157,8 +162,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] == 1 and _streamable(self.self_attn.qkv_proj):
-            return self._forward_one_token(positions, x, residual, meta)
+        if x.shape[0] <= FUSED_GEMV_MAX_ROWS and _streamable(self.self_attn.qkv_proj):
+            return self._forward_few_rows(positions, x, residual, meta)
         # The residual add is fused into the next norm: each norm returns (normed, new residual).
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -168,11 +173,11 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def _forward_one_token(
+    def _forward_few_rows(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-1 decode with a dense q|k|v: each norm (with its residual add) and the gated SiLU run inside
-        the GEMV after it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
+        """A few rows with a dense q|k|v: each norm (with its residual add) and the gated SiLU run inside the
+        GEMV after it, so the layer is a few kernels that stream weights instead of a dozen small ones."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj = attn.qkv_proj

@@ -13,6 +13,7 @@ from slimserve.engine.speculative.config import SpeculativeConfig
 from slimserve.engine.speculative.decoder import SpeculativeDecoder
 from slimserve.engine.speculative.draft_model import DraftModelProposer
 from slimserve.engine.speculative.ngram import NgramProposer
+from slimserve.engine.speculative.ngram_window import NgramWindows
 from slimserve.engine.speculative.proposer import Proposer
 
 
@@ -51,9 +52,12 @@ def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: Model
 
 def build_speculative(spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner) -> SpeculativeDecoder:
     if spec.method == "ngram":
-        proposer: Proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
-    elif spec.method == "draft":
-        proposer = _draft_proposer(spec, config, runner)
+        proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        limits = (spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        windows = NgramWindows(runner, *limits, spec.disable_by_batch_size)
+        return SpeculativeDecoder(spec, runner, proposer, config.seed, windows)
+    if spec.method == "draft":
+        proposer: Proposer = _draft_proposer(spec, config, runner)
     else:
         from slimserve.engine.speculative.eagle import EagleProposer
 

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 import torch
 
 from slimserve.engine.runner import ModelRunner, StepOutput
-from slimserve.engine.scheduler import ScheduledBatch
+from slimserve.engine.scheduler import ScheduledBatch, Scheduler
 from slimserve.engine.sequence import Sequence
 from slimserve.engine.speculative.config import SpeculativeConfig
+from slimserve.engine.speculative.ngram_window import NgramWindows, WindowRow
 from slimserve.engine.speculative.proposer import Proposal, Proposer, RowSampling
 from slimserve.engine.speculative.rejection import greedy_verify, rejection_sample
 from slimserve.engine.speculative.stats import SpeculativeStats
@@ -22,7 +23,15 @@ from slimserve.layers.sampler import apply_penalties, uses_penalties
 
 
 class SpeculativeDecoder:
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, proposer: Proposer, seed: int) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        runner: ModelRunner,
+        proposer: Proposer,
+        seed: int,
+        windows: NgramWindows | None = None,
+    ) -> None:
+        """windows: device-side windows of speculative iterations, for proposers that can draft on the device."""
         self.config = config
         self.k = config.num_speculative_tokens
         self.runner = runner
@@ -33,10 +42,26 @@ class SpeculativeDecoder:
         self.stats = SpeculativeStats()
         self.request_stats: dict[str, SpeculativeStats] = {}
         self.graphs = VerifyGraphs.capture(runner, self.k, config.disable_by_batch_size)
+        self.windows = windows
+        # Tokens that end a request (the engine's EOS ids): a window's iterations after one are not counted.
+        self.eos_token_ids: set[int] = set()
 
-    def lookahead(self, num_running: int) -> int:
-        """KV slots to reserve past each decoding sequence's next token this step (0: no speculation)."""
-        return self.k if 0 < num_running <= self.config.disable_by_batch_size else 0
+    def window(self, scheduler: Scheduler) -> int:
+        """Speculative iterations to queue on the device this step: the scheduler's decode window when
+        every running sequence is greedy without log-probabilities (1: one iteration through the host)."""
+        running = scheduler.running
+        if self.windows is None or not 0 < len(running) <= self.config.disable_by_batch_size:
+            return 1
+        if any(not s.params.greedy or s.params.logprobs is not None for s in running):
+            return 1
+        return scheduler.decode_window()
+
+    def lookahead(self, num_running: int, window: int = 1) -> int:
+        """KV slots to reserve past each decoding sequence's next token this step (0: no speculation): k
+        for one iteration, room for window iterations of k + 1 positions each otherwise."""
+        if not 0 < num_running <= self.config.disable_by_batch_size:
+            return 0
+        return window * (self.k + 1) - 1 if window > 1 else self.k
 
     def budget(self, seq: Sequence) -> int:
         """Drafts worth proposing: no more than the KV blocks the sequence holds, the context and the
@@ -60,9 +85,14 @@ class SpeculativeDecoder:
 
     # ---- the speculative step -----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput | None:
-        """Propose, score and verify; None when nobody has drafts (the runner's plain decode step is cheaper)."""
+    def execute(self, batch: ScheduledBatch, window: int = 1) -> StepOutput | None:
+        """Propose, score and verify (window iterations queued on the device where they fit); None when
+        nobody has drafts (the runner's plain decode step is cheaper)."""
         seqs = batch.seqs
+        if window > 1 and self.windows is not None:
+            iterations = self.windows.iterations_that_fit(seqs, window)
+            if iterations > 1:
+                return self._execute_window(seqs, iterations)
         budgets = [self.budget(s) for s in seqs]
         sampling = RowSampling.of(seqs, self.device)
         proposal = self.proposer.propose(seqs, budgets, sampling)
@@ -91,6 +121,31 @@ class SpeculativeDecoder:
         self.proposer.verified(seqs, starts, committed, hidden, cu)
         logprobs, top = self._logprobs(seqs, logits, tokens, accepted)
         return StepOutput(list(range(len(seqs))), emitted, logprobs, top)
+
+    def _execute_window(self, seqs: list[Sequence], iterations: int) -> StepOutput:
+        rows = self.windows.run(seqs, iterations)
+        for seq, row in zip(seqs, rows):
+            for drafted, emitted in self._live_iterations(seq, row):
+                self.stats.add(drafted, len(emitted) - 1)
+                self.request_stats.setdefault(seq.request_id, SpeculativeStats()).add(drafted, len(emitted) - 1)
+        emitted = [[t for tokens in row.emitted for t in tokens] for row in rows]
+        return StepOutput(list(range(len(seqs))), emitted, None, None)
+
+    def _live_iterations(self, seq: Sequence, row: WindowRow) -> list[tuple[int, list[int]]]:
+        """The iterations before the sequence stops (max_tokens, EOS, a stop token id); the device ran the
+        rest of the window for nothing."""
+        params = seq.params
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        remaining = params.max_tokens - seq.num_output_tokens
+        live = []
+        for drafted, emitted in zip(row.num_drafts, row.emitted):
+            if remaining <= 0:
+                break
+            live.append((drafted, emitted))
+            remaining -= len(emitted)
+            if stops.intersection(emitted):
+                break
+        return live
 
     def _score(
         self, seqs: list[Sequence], drafts: list[list[int]], starts: list[int]
