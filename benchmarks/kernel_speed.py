@@ -52,6 +52,8 @@ class ModelShape:
 MODELS = {
     "llama-3.2-1b": ModelShape(heads=32, kv_heads=8, head_dim=64, hidden=2048, intermediate=8192),
     "qwen3-0.6b": ModelShape(heads=16, kv_heads=8, head_dim=128, hidden=1024, intermediate=3072),
+    "llama-3.1-8b": ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=14336),
+    "smollm2-135m": ModelShape(heads=9, kv_heads=3, head_dim=64, hidden=576, intermediate=1536),
 }
 
 
@@ -214,18 +216,18 @@ def bench_silu(name: str, m: ModelShape, tokens: int) -> Row:
     return memory_row("silu_and_mul", name, label, err, run, 3 * tokens * m.intermediate * DTYPE.itemsize)
 
 
-def bench_gemv(name: str, m: ModelShape) -> list[Row]:
-    """Batch-1 decode GEMVs with their fused prologue against the unfused kernels (Triton norm or SiLU, then
-    cuBLAS) at q|k|v, gate|up and down; bandwidth counts the weight bytes."""
+def bench_gemv(name: str, m: ModelShape, tokens: int) -> list[Row]:
+    """Decode GEMVs of a few rows with their fused prologue against the unfused kernels (Triton norm or SiLU,
+    then cuBLAS) at q|k|v, gate|up and down; bandwidth counts the weight bytes."""
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=DTYPE)  # noqa: E731
-    x, res, norm_w = rand(1, m.hidden), rand(1, m.hidden), 1 + 0.1 * rand(m.hidden)
+    x, res, norm_w = rand(tokens, m.hidden), rand(tokens, m.hidden), 1 + 0.1 * rand(m.hidden)
     rows = []
     for proj, n in (("q|k|v", q + 2 * kv), ("gate|up", 2 * m.intermediate)):
         w = rand(n, m.hidden) / m.hidden**0.5
         out = norm_gemv_triton(x, w, None, norm_w, 1e-6, res)
         err = rel_error(out[0], norm_gemv_ref(x, w, None, norm_w, 1e-6, res)[0])
-        shape = f"{proj} {n}x{m.hidden}"
+        shape = f"{proj} {n}x{m.hidden}, {tokens} rows"
         nbytes = w.numel() * DTYPE.itemsize
         fused = memory_row(
             "norm+gemv (fused)",
@@ -239,9 +241,9 @@ def bench_gemv(name: str, m: ModelShape) -> list[Row]:
         unfused = lambda w=w: torch.nn.functional.linear(rms_norm_triton(x, norm_w, 1e-6, res)[0], w)  # noqa: E731
         rows += [fused, memory_row("norm, cuBLAS (unfused)", name, shape, 0.0, unfused, nbytes)]
     w = rand(m.hidden, m.intermediate) / m.intermediate**0.5
-    gate_up = rand(1, 2 * m.intermediate)
+    gate_up = rand(tokens, 2 * m.intermediate)
     err = rel_error(silu_mul_gemv_triton(gate_up, w), silu_mul_gemv_ref(gate_up, w))
-    shape, nbytes = f"down {m.hidden}x{m.intermediate}", w.numel() * DTYPE.itemsize
+    shape, nbytes = f"down {m.hidden}x{m.intermediate}, {tokens} rows", w.numel() * DTYPE.itemsize
     fused = memory_row("silu+gemv (fused)", name, shape, err, lambda: silu_mul_gemv_triton(gate_up, w), nbytes)
     fused.kernel += f" {_gemv_tuned.best_config}"
     unfused = lambda: torch.nn.functional.linear(silu_and_mul_triton(gate_up), w)  # noqa: E731
@@ -261,13 +263,18 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.kernel:<60} {r.model:<13} {r.shape:<28} {r.rel_error:9.2e} {timing}")
 
 
+PARTS = ("attention", "gemv", "elementwise")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["llama-3.2-1b", "qwen3-0.6b"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     p.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 8192])
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gemv-rows", nargs="+", type=int, default=[1, 5, 8], help="rows of the fused decode GEMVs")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<date>.json)")
     return p.parse_args(argv)
 
@@ -281,18 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in args.models:
         m = MODELS[name]
-        for batch in args.batches:
-            for context in args.contexts:
-                rows.append(bench_decode(name, m, batch, context, args.block_size))
         n = args.prefill_tokens
-        rows.append(bench_prefill(name, m, n, 0, args.block_size))
-        rows.append(bench_prefill(name, m, n, 3 * n, args.block_size))
-        rows.append(check_graph_replay(name, m, 8, max(args.contexts), args.block_size))
-        rows.extend(bench_gemv(name, m))
-        for tokens in sorted({*args.batches, n}):
-            rows.append(bench_rope_store(name, m, tokens, args.block_size))
-            rows.extend(bench_rms_norm(name, m, tokens))
-            rows.append(bench_silu(name, m, tokens))
+        if "attention" in args.parts:
+            for batch in args.batches:
+                for context in args.contexts:
+                    rows.append(bench_decode(name, m, batch, context, args.block_size))
+            rows.append(bench_prefill(name, m, n, 0, args.block_size))
+            rows.append(bench_prefill(name, m, n, 3 * n, args.block_size))
+            rows.append(check_graph_replay(name, m, 8, max(args.contexts), args.block_size))
+        if "gemv" in args.parts:
+            for tokens in args.gemv_rows:
+                rows.extend(bench_gemv(name, m, tokens))
+        if "elementwise" in args.parts:
+            for tokens in sorted({*args.batches, n}):
+                rows.append(bench_rope_store(name, m, tokens, args.block_size))
+                rows.extend(bench_rms_norm(name, m, tokens))
+                rows.append(bench_silu(name, m, tokens))
         torch.cuda.empty_cache()
     print_table(rows)
 

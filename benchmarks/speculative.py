@@ -187,13 +187,18 @@ def timed_generate(llm: LLM, prompts, params: SamplingParams) -> tuple[float, li
 def decode_speed(llm: LLM, prompts: list, batch: int, max_tokens: int) -> dict:
     """Output tok/s of `batch` concurrent requests (batch 1: the prompts one after another)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    # Warm-up with the timed shapes: Triton compiles a kernel variant the first time it meets one.
-    timed_generate(llm, (prompts * batch)[:batch], params)
+    # Warm-up with the timed shapes: Triton compiles a kernel variant the first time it meets one (a prefill
+    # of each prompt length among them).
+    if batch == 1:
+        for p in prompts:
+            timed_generate(llm, [p], params)
+    else:
+        timed_generate(llm, (prompts * batch)[:batch], params)
     spec = llm.engine.speculative
     before = dict(spec.stats.as_dict()) if spec else {}
     if batch == 1:
         elapsed, outs = 0.0, []
-        for p in prompts[:4]:
+        for p in prompts:
             t, o = timed_generate(llm, [p], params)
             elapsed, outs = elapsed + t, outs + o
     else:
@@ -239,34 +244,42 @@ def speed(args: argparse.Namespace) -> None:
     k = args.k
     engine = dict(max_num_seqs=32, max_model_len=args.max_model_len, gpu_memory_utilization=0.6)
     results: dict = meta(" ".join(sys.argv)) | dict(num_speculative_tokens=k, max_tokens=args.max_tokens, runs=[])
-    configs = {
-        "plain": None,
-        "ngram": {"method": "ngram", "num_speculative_tokens": k},
-        "eagle": {"method": "eagle", "model": args.smollm_head, "num_speculative_tokens": k},
-    }
-    plain_tokens: dict[int, list] = {}
+    configs = {"plain": None}
+    for ngram_k in args.ngram_k or [k]:
+        name = "ngram" if ngram_k == k else f"ngram k={ngram_k}"
+        configs[name] = {"method": "ngram", "num_speculative_tokens": ngram_k}
+    if args.smollm_head:
+        configs["eagle"] = {"method": "eagle", "model": args.smollm_head, "num_speculative_tokens": k}
+    plain_tokens: dict[tuple[str, int], list] = {}
     for name, spec in configs.items():
         llm = LLM(args.smollm, speculative=spec, **engine)
-        prompts = chat_ids(llm, CHAT_PROMPTS) + [llm.get_tokenizer().encode(p) for p in austen_prompts(4)]
-        for batch in (1, 8, 32):
+        chat = chat_ids(llm, CHAT_PROMPTS)
+        austen = [llm.get_tokenizer().encode(p) for p in austen_prompts(4)]
+        # Batch 1 runs the chat prompts and the Austen passages apart (n-gram lookup finds more in the
+        # latter); batches 8 and 32 mix them.
+        for prompt_set, batch, prompts in (("chat", 1, chat), ("austen", 1, austen), ("mixed", 8, chat + austen),
+                                           ("mixed", 32, chat + austen)):  # fmt: skip
             row = decode_speed(llm, prompts, batch, args.max_tokens)
             ids = row.pop("token_ids")
             if spec is None:
-                plain_tokens[batch] = ids
-            same = sum(a == b for a, b in zip(ids, plain_tokens[batch]))
+                plain_tokens[prompt_set, batch] = ids
+            reference = plain_tokens[prompt_set, batch]
+            same = sum(a == b for a, b in zip(ids, reference))
             # Where speculative and plain greedy part (bf16: the verification pass rounds differently).
-            diverge = [
-                next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                for a, b in zip(ids, plain_tokens[batch])
-            ]
+            diverge = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ids, reference)]
             row.update(
-                model="smollm2-135m (real)", method=name, equal_to_plain=f"{same}/{len(ids)}", first_divergence=diverge
+                model="smollm2-135m (real)",
+                method=name,
+                prompts=prompt_set,
+                equal_to_plain=f"{same}/{len(ids)}",
+                first_divergence=diverge,
             )
             results["runs"].append(row)
             print({k_: v for k_, v in row.items()}, flush=True)
         del llm
         release()
-    results["draft_pair"] = draft_pair_speed(args, engine)
+    if not args.skip_draft_pair:
+        results["draft_pair"] = draft_pair_speed(args, engine)
     out = os.path.join(RESULTS, f"speculative-speed-{datetime.date.today()}.json")
     os.makedirs(RESULTS, exist_ok=True)
     with open(out, "w") as f:
@@ -337,21 +350,24 @@ def combine(path: str) -> None:
 
 
 def print_speed_table(results: dict) -> None:
-    print("\n| model | method | batch | tok/s | speedup | acceptance | mean accepted length | equal to plain |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = {r["batch"]: r["tok_per_s"] for r in results["runs"] if r["method"] == "plain"}
+    print("\n| model | method | prompts | batch | tok/s | speedup | acceptance | mean accepted length | equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {(r.get("prompts"), r["batch"]): r["tok_per_s"] for r in results["runs"] if r["method"] == "plain"}
     for r in results["runs"]:
-        speedup = r["tok_per_s"] / base[r["batch"]]
+        speedup = r["tok_per_s"] / base[r.get("prompts"), r["batch"]]
         print(
-            f"| {r['model']} | {r['method']} | {r['batch']} | {r['tok_per_s']:.0f} | {speedup:.2f}x"
-            f" | {r.get('acceptance_rate', 0):.2f} | {r.get('mean_accepted_length', 0):.2f} | {r['equal_to_plain']} |"
+            f"| {r['model']} | {r['method']} | {r.get('prompts', '-')} | {r['batch']} | {r['tok_per_s']:.0f} "
+            f"| {speedup:.2f}x | {r.get('acceptance_rate', 0):.2f} | {r.get('mean_accepted_length', 0):.2f} "
+            f"| {r['equal_to_plain']} |"
         )
-    d = results["draft_pair"]
+    d = results.get("draft_pair")
+    if d is None:
+        return
     if "computed_speedup" not in d:
         print(f"draft pair step costs: {d['t_plain_token_ms']:.2f} ms/token plain, {d['t_spec_step_ms']:.2f} ms/step")
         return
     print(
-        f"| qwen2.5-coder 0.5b->1.5b ({d['label']}) | draft | 1 | {d['computed_spec_tok_per_s']:.0f} "
+        f"| qwen2.5-coder 0.5b->1.5b ({d['label']}) | draft | code | 1 | {d['computed_spec_tok_per_s']:.0f} "
         f"(plain {d['plain_tok_per_s']:.0f}) | {d['computed_speedup']:.2f}x | {d['acceptance_rate_real']:.2f} "
         f"| {d['mean_accepted_length_real']:.2f} | - |"
     )
@@ -370,6 +386,8 @@ def main() -> None:
     parser.add_argument("--smollm-head", default=None, help="draft head trained for SmolLM2-135M")
     parser.add_argument("--qwen-head", default=None, help="draft head trained for Qwen2.5-Coder-0.5B")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--ngram-k", nargs="+", type=int, help="num_speculative_tokens for n-gram runs (--speed)")
+    parser.add_argument("--skip-draft-pair", action="store_true", help="no draft-pair step costs (--speed)")
     parser.add_argument("--random-dir", default="/tmp/speculative-random", help="random-weight folders (--speed)")
     args = parser.parse_args()
     if args.combine:
