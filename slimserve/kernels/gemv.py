@@ -4,8 +4,7 @@ At batch 1 a decoder layer is a chain of kernels too small to reach the memory b
 (with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
 kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
 L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
-per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU. A few rows (a
-small decode batch, or one sequence's speculative drafts) share each weight block through L2.
+per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU.
 """
 
 import torch
@@ -49,8 +48,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # Rows vary fastest: the programs of one weight block run together, so a few rows read it from
-        # memory once and from L2 after that.
+        # Rows vary fastest, so the programs of one weight block run close together.
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty

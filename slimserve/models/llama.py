@@ -47,9 +47,10 @@ def _quantized(
     return layer
 
 
-# Up to this many rows, a decoder layer runs the fused norm/SiLU GEMVs instead of GEMMs with separate norm
-# and activation kernels: a small decode batch or a speculative verification reads the weights once from memory.
-FUSED_GEMV_MAX_ROWS = 8
+# Up to this many rows, a decoder layer runs the fused norm/SiLU GEMVs instead of GEMMs with separate norm and
+# activation kernels. One row only: each row's program streams the weights again, so at 2-8 rows (a small decode
+# batch, a speculative verification) cuBLAS is faster on the H100 (benchmarks/kernel_speed.py --parts gemv).
+FUSED_GEMV_MAX_ROWS = 1
 
 
 def _streamable(linear: nn.Module) -> bool:
