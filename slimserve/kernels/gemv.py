@@ -4,9 +4,7 @@ At batch 1 a decoder layer is a chain of kernels too small to reach the memory b
 (with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
 kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
 L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
-per BLOCK_N output features; the block shape is tuned per (N, K) on the GPU. A few rows (a small decode
-batch, one sequence's speculative drafts) go through a second kernel that reads each weight tile once for all
-of them and multiplies on the tensor cores.
+per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU.
 """
 
 import torch
@@ -38,7 +36,11 @@ if HAS_TRITON:
         out_ptr,
         N,
         K,
+        stride_x,
+        stride_res,
+        stride_res_out,
         stride_w,
+        stride_out,
         eps,
         NORM: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
@@ -46,8 +48,13 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
+        # Rows vary fastest, so the programs of one weight block run close together.
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty
+        x_ptr += row.to(tl.int64) * stride_x
+        res_ptr += row.to(tl.int64) * stride_res
+        res_out_ptr += row.to(tl.int64) * stride_res_out
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
@@ -79,77 +86,7 @@ if HAS_TRITON:
             y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-    @triton.jit
-    def _gemv_rows_kernel(
-        x_ptr,
-        res_ptr,
-        res_out_ptr,
-        norm_w_ptr,
-        w_ptr,
-        b_ptr,
-        out_ptr,
-        M,
-        N,
-        K,
-        stride_x,
-        stride_res,
-        stride_res_out,
-        stride_w,
-        stride_out,
-        eps,
-        NORM: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """Up to BLOCK_M rows at once: each weight tile is read once and meets every row in one tensor-core
-        dot, with the same prologues as the one-row kernel."""
-        pid_n = tl.program_id(0)
-        dtype = x_ptr.dtype.element_ty
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            mask_k = cols < K
-            mask = mask_m[:, None] & mask_k[None, :]
-            if NORM:
-                x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    res = tl.load(res_ptr + offs_m[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
-                    x = (x + res.to(tl.float32)).to(dtype).to(tl.float32)
-                    if pid_n == 0:
-                        tl.store(res_out_ptr + offs_m[:, None] * stride_res_out + cols[None, :], x.to(dtype), mask=mask)
-                squares += tl.sum(x * x, axis=1)
-                a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            else:
-                gate = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                up = tl.load(x_rows + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                a = (act * up).to(dtype).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            if FP32_DOT:
-                acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(w.dtype), tl.trans(w))
-        y = acc
-        if NORM:
-            y *= tl.rsqrt(squares / K + eps)[:, None]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     def _tuning_configs() -> list[triton.Config]:
         if INTERPRETED:  # one configuration: the interpreter would time every candidate
@@ -160,29 +97,12 @@ if HAS_TRITON:
             for stages in (1, 3)
         ]
 
-    def _rows_tuning_configs() -> list[triton.Config]:
-        if INTERPRETED:
-            return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})]
-        return [
-            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages)
-            for block_n in (16, 32, 64)
-            for block_k in (128, 256)
-            for stages in (2, 4)
-        ]
-
-    def _bench(call, quantiles):
-        return triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles)
-
     # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
-    _gemv_tuned = triton.autotune(_tuning_configs(), key=["N", "K", "NORM", "HAS_RESIDUAL"], do_bench=_bench)(
-        _gemv_kernel
-    )
-    _gemv_rows_tuned = triton.autotune(_rows_tuning_configs(), key=["N", "K", "NORM", "HAS_RESIDUAL"], do_bench=_bench)(
-        _gemv_rows_kernel
-    )
-
-# Rows the multi-row kernel takes at once (its tensor-core tile height).
-MAX_ROWS = 16
+    _gemv_tuned = triton.autotune(
+        _tuning_configs(),
+        key=["N", "K", "NORM", "HAS_RESIDUAL"],
+        do_bench=lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles),
+    )(_gemv_kernel)
 
 
 def _launch(
@@ -195,9 +115,8 @@ def _launch(
     residual: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel on rows of x (one row, or up to MAX_ROWS through the multi-row kernel): with the RMSNorm
-    prologue when there is a norm weight, else with the gated SiLU of x = cat(gate, up). `block` = (BLOCK_N,
-    BLOCK_K) bypasses tuning (tests)."""
+    """Run the kernel on rows of x: with the RMSNorm prologue when there is a norm weight, else with the gated
+    SiLU of x = cat(gate, up). `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
     n, k = weight.shape
     in_features = x.shape[-1] if norm_weight is not None else x.shape[-1] // 2
     if k != in_features:
@@ -217,7 +136,7 @@ def _launch(
             res2 = res2.contiguous()
         new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         new_res2 = new_residual.view(-1, k)
-    pointers = (
+    args = (
         x2,
         res2,
         new_res2,
@@ -225,28 +144,25 @@ def _launch(
         weight,
         bias if bias is not None else weight,
         out,
+        n,
+        k,
+        x2.stride(0),
+        res2.stride(0),
+        new_res2.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        eps,
     )
     flags = dict(
         NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
     )
-    if rows > MAX_ROWS:
-        raise ValueError(f"the fused GEMVs take at most {MAX_ROWS} rows, got {rows}")
-    if rows > 1:
-        strides = (x2.stride(0), res2.stride(0), new_res2.stride(0), weight.stride(0), out.stride(0))
-        args = (*pointers, rows, n, k, *strides, eps)
-        # fp32 inputs keep fp32 products (no TF32); Triton's interpreter computes bf16 dots wrongly, so under it
-        # the dot runs in fp32 too.
-        flags.update(FP32_DOT=x.dtype == torch.float32 or INTERPRETED, BLOCK_M=MAX_ROWS)
-        kernel, tuned = _gemv_rows_kernel, _gemv_rows_tuned
-    else:
-        args = (*pointers, n, k, weight.stride(0), eps)
-        kernel, tuned = _gemv_kernel, _gemv_tuned
     if block is None:
-        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _gemv_tuned[grid](*args, **flags)
     else:
-        kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        _gemv_kernel[(rows, triton.cdiv(n, block[0]))](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
     return out.view(*x.shape[:-1], n), new_residual
 
 
