@@ -6,6 +6,7 @@ back whole blocks they occupied (BlockManager.trim)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -45,6 +46,8 @@ class SpeculativeDecoder:
         self.windows = windows
         # Tokens that end a request (the engine's EOS ids): a window's iterations after one are not counted.
         self.eos_token_ids: set[int] = set()
+        # Tokens per window iteration so far (per sequence), to size windows to what the requests still need.
+        self.window_tokens, self.window_iterations = 0, 0
 
     def window(self, scheduler: Scheduler) -> int:
         """Speculative iterations to queue on the device this step: the scheduler's decode window when
@@ -54,7 +57,11 @@ class SpeculativeDecoder:
             return 1
         if any(not s.params.greedy or s.params.logprobs is not None for s in running):
             return 1
-        return scheduler.decode_window()
+        # Iterations past the end of every request are wasted: no more than the tokens still wanted take at
+        # the rate seen so far.
+        wanted = max(s.params.max_tokens - s.num_output_tokens for s in running)
+        rate = self.window_tokens / self.window_iterations if self.window_iterations else 1.0
+        return min(scheduler.decode_window(), max(1, math.ceil(wanted / rate)))
 
     def lookahead(self, num_running: int, window: int = 1) -> int:
         """KV slots to reserve past each decoding sequence's next token this step (0: no speculation): k
@@ -126,6 +133,8 @@ class SpeculativeDecoder:
         rows = self.windows.run(seqs, iterations)
         for seq, row in zip(seqs, rows):
             for drafted, emitted in self._live_iterations(seq, row):
+                self.window_tokens += len(emitted)
+                self.window_iterations += 1
                 self.stats.add(drafted, len(emitted) - 1)
                 self.request_stats.setdefault(seq.request_id, SpeculativeStats()).add(drafted, len(emitted) - 1)
         emitted = [[t for tokens in row.emitted for t in tokens] for row in rows]

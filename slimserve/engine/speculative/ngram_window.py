@@ -28,24 +28,24 @@ def device_prompt_lookup(
     (long; 0 past the count), num_drafts [B]): the tokens after the latest earlier occurrence of the
     longest suffix n-gram, max_n down to min_n, as many as the sequence holds after it (at most num_tokens).
 
-    A match of length n ends at position e when token e - i equals token L - 1 - i for every i < n; the
-    matches of every n come from one running AND over i, with e before the suffix's own last token."""
+    A match of length n ends at position e when token e - i equals token L - 1 - i for every i < n: one
+    comparison of every position against the last max_n tokens, a running AND over i gives every n at once,
+    and the latest end before the suffix's own last token wins, for the longest n that has one."""
     pad = max_n - 1
-    batch, width = history.shape
-    span = width - pad
-    ends = torch.arange(span, device=history.device)
-    suffix = history.gather(1, (lengths[:, None] - 1 - torch.arange(max_n, device=history.device)).clamp_min(0) + pad)
-    match = torch.ones(batch, span, dtype=torch.bool, device=history.device)
-    before_suffix = ends[None, :] <= lengths[:, None] - 2
-    start = torch.full((batch,), -1, dtype=torch.long, device=history.device)
-    for i in range(max_n):
-        match = match & (history[:, pad - i : pad - i + span] == suffix[:, i : i + 1])
-        if i + 1 < min_n:
-            continue
-        latest = torch.where(match & before_suffix, ends[None, :], -1).amax(dim=1)
-        # n counts up, so a longer n-gram that matches replaces a shorter one.
-        start = torch.where(latest >= 0, latest + 1, start)
-    offsets = torch.arange(num_tokens, device=history.device)
+    dev = history.device
+    span = history.shape[1] - pad
+    ends = torch.arange(span, device=dev)
+    back = torch.arange(max_n, device=dev)
+    suffix = history.gather(1, (lengths[:, None] - 1 - back).clamp_min(0) + pad)  # [B, max_n]
+    windows = history[:, pad + ends[None, :] - back[:, None]]  # [B, max_n, span]: token e - i
+    match = (windows == suffix[:, :, None]).to(torch.int8).cummin(dim=1).values.bool()
+    match &= (ends[None, :] <= lengths[:, None] - 2)[:, None, :]
+    latest = torch.where(match, ends, -1).amax(dim=2)[:, min_n - 1 :]  # [B, n from min_n to max_n]
+    found = latest >= 0
+    # The longest n with a match: the last True of `found` (argmax of its index where found).
+    longest = (found * torch.arange(1, found.shape[1] + 1, device=dev)).argmax(dim=1, keepdim=True)
+    start = torch.where(found.any(dim=1), latest.gather(1, longest)[:, 0] + 1, -1)
+    offsets = torch.arange(num_tokens, device=dev)
     drafts = history.gather(1, (start.clamp_min(0)[:, None] + offsets).clamp_max(span - 1) + pad).long()
     num_drafts = torch.where(start >= 0, (lengths - start).clamp(0, num_tokens), 0)
     # Past the count the padding is any valid token id (it is scored, never accepted).
