@@ -3,10 +3,8 @@
 At batch 1 a decoder layer is a chain of kernels too small to reach the memory bandwidth; the RMSNorm
 (with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
 kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
-L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. A program takes
-all input rows (up to MAX_ROWS: a small decode batch, or one sequence's speculative verification) and BLOCK_N
-output features, so each weight tile is read once for every row; the block shape is tuned per (N, K, rows) on
-the GPU.
+L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
+per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU.
 """
 
 import torch
@@ -19,6 +17,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _load_input(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr):
+        # The residual sum is rounded to the activation dtype before it is normalised, as in the reference.
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x = x + tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+        return x
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,
         res_ptr,
@@ -27,7 +34,6 @@ if HAS_TRITON:
         w_ptr,
         b_ptr,
         out_ptr,
-        M,
         N,
         K,
         stride_x,
@@ -39,77 +45,64 @@ if HAS_TRITON:
         NORM: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         HAS_BIAS: tl.constexpr,
-        ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
+        # Rows vary fastest, so the programs of one weight block run close together.
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty
-        offs_m = tl.arange(0, ROWS)
-        mask_m = offs_m < M
+        x_ptr += row.to(tl.int64) * stride_x
+        res_ptr += row.to(tl.int64) * stride_res
+        res_out_ptr += row.to(tl.int64) * stride_res_out
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x
-        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        squares = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             mask_k = cols < K
-            mask = mask_m[:, None] & mask_k[None, :]
             if NORM:
-                # RMSNorm scales a row by one number: the sum of squares accumulates beside the products and
-                # the scale is applied at the end, so the weights stream from the first iteration.
-                x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    # The residual sum is rounded to the activation dtype before it is normalised, as in the
-                    # reference.
-                    res = tl.load(res_ptr + offs_m[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
-                    x = (x + res.to(tl.float32)).to(dtype).to(tl.float32)
-                    if pid_n == 0:
-                        tl.store(res_out_ptr + offs_m[:, None] * stride_res_out + cols[None, :], x.to(dtype), mask=mask)
+                # RMSNorm scales the row by one number: the sum of squares accumulates beside the products
+                # and the scale is applied at the end, so the weights stream from the first iteration.
+                x = _load_input(x_ptr, res_ptr, cols, mask_k, HAS_RESIDUAL)
                 squares += x * x
-                a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                if HAS_RESIDUAL:
+                    if pid_n == 0:
+                        tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
+                a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
             else:  # the gated SiLU of x = cat(gate, up)
-                gate = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                up = tl.load(x_rows + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
                 # torch rounds silu(gate) to the input dtype before the product; so does this.
                 act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
                 a = (act * up).to(dtype).to(tl.float32)
-            # One read of the weight tile serves every row.
             w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += w.to(tl.float32)[None, :, :] * a[:, None, :]
-        y = tl.sum(acc, axis=2)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1)
         if NORM:
-            y *= tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     def _tuning_configs() -> list[triton.Config]:
         if INTERPRETED:  # one configuration: the interpreter would time every candidate
             return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64})]
-        # One-row tiles, and smaller ones that keep several rows' accumulators in registers.
         return [
             triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
-            for block_n, block_k, warps in (
-                (2, 512, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8), (32, 256, 8), (2, 256, 4), (4, 256, 4),
-                (8, 128, 4), (16, 64, 4),
-            )
+            for block_n, block_k, warps in ((2, 512, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8), (32, 256, 8))
             for stages in (1, 3)
-        ]  # fmt: skip
+        ]
 
-    # Tuned once per (N, K, prologue, rows) during the engine's eager warm-up, before CUDA-graph capture.
+    # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
     _gemv_tuned = triton.autotune(
         _tuning_configs(),
-        key=["N", "K", "NORM", "HAS_RESIDUAL", "ROWS"],
+        key=["N", "K", "NORM", "HAS_RESIDUAL"],
         do_bench=lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles),
     )(_gemv_kernel)
-
-# Rows the kernels take at once (a small decode batch, one sequence's speculative verification).
-MAX_ROWS = 16
 
 
 def _launch(
@@ -143,8 +136,6 @@ def _launch(
             res2 = res2.contiguous()
         new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         new_res2 = new_residual.view(-1, k)
-    if rows > MAX_ROWS:
-        raise ValueError(f"the fused GEMVs take at most {MAX_ROWS} rows, got {rows}")
     args = (
         x2,
         res2,
@@ -153,7 +144,6 @@ def _launch(
         weight,
         bias if bias is not None else weight,
         out,
-        rows,
         n,
         k,
         x2.stride(0),
@@ -167,12 +157,12 @@ def _launch(
         NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
-        ROWS=triton.next_power_of_2(rows),
     )
     if block is None:
-        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _gemv_tuned[grid](*args, **flags)
     else:
-        _gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        _gemv_kernel[(rows, triton.cdiv(n, block[0]))](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
     return out.view(*x.shape[:-1], n), new_residual
 
 

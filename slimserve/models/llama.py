@@ -14,7 +14,7 @@ from slimserve.distributed.layers import AttentionHeads, ColumnParallelLinear, R
 from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
-from slimserve.kernels.gemv import MAX_ROWS, norm_gemv, silu_mul_gemv
+from slimserve.kernels.gemv import norm_gemv, silu_mul_gemv
 from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
@@ -47,10 +47,10 @@ def _quantized(
     return layer
 
 
-# Up to this many rows (a small decode batch, one sequence's speculative verification), a decoder layer runs the
-# fused norm/SiLU GEMVs, which read each weight once for all rows, instead of GEMMs with separate norm and
-# activation kernels.
-FUSED_GEMV_MAX_ROWS = MAX_ROWS
+# Up to this many rows, a decoder layer runs the fused norm/SiLU GEMVs instead of GEMMs with separate norm and
+# activation kernels. One row only: each row's program streams the weights again, so at 2-8 rows (a small decode
+# batch, a speculative verification) cuBLAS is faster on the H100 (benchmarks/kernel_speed.py --parts gemv).
+FUSED_GEMV_MAX_ROWS = 1
 
 
 def _streamable(linear: nn.Module) -> bool:

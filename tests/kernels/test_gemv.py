@@ -12,9 +12,8 @@ from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref  # noqa:
 
 # bf16: the interpreter truncates fp32 -> bf16 where the reference rounds, and sums in another order.
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}
-# (rows, (BLOCK_N, BLOCK_K)): weight rows and columns masked at the edges, one K block or several; one input row
-# or several (padded to a power of two inside the kernel).
-SHAPES = [(1, (4, 64)), (1, (8, 32)), (1, (1, 128)), (1, (16, 16)), (2, (4, 64)), (5, (8, 32)), (16, (2, 128))]
+# (BLOCK_N, BLOCK_K): rows and columns masked at the edges, one K block or several.
+BLOCKS = [(4, 64), (8, 32), (1, 128), (16, 16)]
 
 
 def make_generator() -> tuple[torch.Generator, int]:
@@ -25,12 +24,12 @@ def make_generator() -> tuple[torch.Generator, int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("rows,block", SHAPES)
+@pytest.mark.parametrize("block", BLOCKS)
 def test_norm_gemv_matches_reference(
-    dtype: torch.dtype, with_residual: bool, with_bias: bool, rows: int, block: tuple[int, int]
+    dtype: torch.dtype, with_residual: bool, with_bias: bool, block: tuple[int, int]
 ) -> None:
     gen, seed = make_generator()
-    k, n = 200, 37  # odd sizes: both the weight rows and the reduction are masked
+    rows, k, n = 2, 200, 37  # odd sizes: both the weight rows and the reduction are masked
     x = (2 * torch.randn(rows, k, generator=gen)).to(dtype)
     residual = torch.randn(rows, k, generator=gen).to(dtype) if with_residual else None
     norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
@@ -46,30 +45,23 @@ def test_norm_gemv_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,block", SHAPES)
-def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, rows: int, block: tuple[int, int]) -> None:
+@pytest.mark.parametrize("block", BLOCKS)
+def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, block: tuple[int, int]) -> None:
     gen, seed = make_generator()
     inter, n = 150, 45
-    x = (2 * torch.randn(rows, 2 * inter, generator=gen)).to(dtype)
+    x = (2 * torch.randn(3, 2 * inter, generator=gen)).to(dtype)
     weight = (torch.randn(n, inter, generator=gen) / inter**0.5).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     out = silu_mul_gemv_triton(x, weight, bias, block=block)
     torch.testing.assert_close(out, silu_mul_gemv_ref(x, weight, bias), **TOLERANCES[dtype], msg=lambda m: f"{seed}")
 
 
-@pytest.mark.parametrize("rows", [1, 7])
-def test_tuned_launch_runs_under_the_interpreter(rows: int) -> None:
+def test_tuned_launch_runs_under_the_interpreter() -> None:
     # Without an explicit block the autotuned kernel runs (one configuration under the interpreter).
     gen, _ = make_generator()
-    x, res = torch.randn(rows, 64, generator=gen), torch.randn(rows, 64, generator=gen)
+    x, res = torch.randn(1, 64, generator=gen), torch.randn(1, 64, generator=gen)
     weight, norm_weight = torch.randn(24, 64, generator=gen), torch.ones(64)
     out, new_residual = norm_gemv_triton(x, weight, None, norm_weight, 1e-5, res)
     ref, ref_residual = norm_gemv_ref(x, weight, None, norm_weight, 1e-5, res)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(new_residual, ref_residual)
-
-
-def test_more_rows_than_the_kernel_takes_are_refused() -> None:
-    x, weight = torch.randn(17, 32), torch.randn(8, 32)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        norm_gemv_triton(x, weight, None, torch.ones(32), 1e-6)
