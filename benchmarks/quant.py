@@ -234,8 +234,9 @@ def long_context_decode(llm: LLM, vocab: int, context: int, new_tokens: int) -> 
                        stream=False)  # fmt: skip
     first = None
     while engine.has_unfinished_requests():
-        engine.step()
-        first = first or sync_time()
+        outputs = engine.step()
+        if first is None and outputs:  # the prompt's last chunk is prefilled: decoding starts here
+            first = sync_time()
     end = sync_time()
     tok_s = (new_tokens - 1) / (end - first)
     roofline = HBM_BYTES_PER_S / step_bytes(llm, context + new_tokens // 2)

@@ -11,6 +11,7 @@ block table, so a key tile may span several cache blocks):
 """
 
 import functools
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -186,6 +187,7 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         UPCAST: tl.constexpr,
         KV_QUANT: tl.constexpr,
+        F16_DOT: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -213,6 +215,17 @@ if HAS_TRITON:
         if KV_QUANT:
             qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
             v_scale = tl.load(v_scale_ptr + kv_head)
+        if F16_DOT:
+            # FP8 and INT8 values are exact in fp16, whose conversion from them is one instruction per pair
+            # (bf16 takes several). Each bf16 query row is scaled by a power of two that puts its largest
+            # entry in [2^14, 2^15): exact, fp16 holds 3 more mantissa bits, and the factor goes into the
+            # row's score scale. Probabilities become fp16 for the PV product, as in fp16 models.
+            q = q.to(tl.float32)
+            exponent = (tl.max(tl.abs(q), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+            shift = tl.minimum(tl.maximum(141 - exponent, -126), 126)  # 14 - (exponent - 127)
+            row_scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+            q = (q * row_scale[:, None]).to(tl.float16)
+            qk_scale = (qk_scale / row_scale)[:, None]
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -243,6 +256,7 @@ if HAS_TRITON:
         stride_oh,
         num_splits,
         BLOCK_S: tl.constexpr,
+        CHUNK_S: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -250,20 +264,26 @@ if HAS_TRITON:
         head = tl.program_id(1)
         q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
         has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
-        offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < num_splits
         d_mask = offs_d < HEAD_DIM
-        part = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits + offs_s
-        lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+        first = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
+        offs_s = tl.arange(0, BLOCK_S)
+        lse = tl.load(part_lse_ptr + first + offs_s, mask=offs_s < num_splits, other=float("-inf"))
         # Empty splits have lse = -inf and weigh nothing; a padding sequence has only those and gets zeros.
         lse_max = tl.max(lse, 0)
-        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-        total = tl.sum(weight, 0)
-        weight = weight / tl.where(total == 0.0, 1.0, total)
-        o_mask = s_mask[:, None] & d_mask[None, :]
-        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
-        out = tl.sum(o * weight[:, None], 0)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        total = tl.sum(tl.exp2(lse - lse_max), 0)
+        total = tl.where(total == 0.0, 1.0, total)
+        # Partial outputs are summed CHUNK_S splits at a time, so a long split list stays in registers.
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c in tl.static_range(0, BLOCK_S, CHUNK_S):
+            offs_c = c + tl.arange(0, CHUNK_S)
+            c_mask = offs_c < num_splits
+            weight = tl.exp2(tl.load(part_lse_ptr + first + offs_c, mask=c_mask, other=float("-inf")) - lse_max)
+            o_mask = c_mask[:, None] & d_mask[None, :]
+            o = tl.load(part_o_ptr + (first + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+            out += tl.sum(o * weight[:, None], 0)
+        out = out / total
         dst = out_ptr + q_row * stride_ot + head * stride_oh + offs_d
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(has_query, HEAD_DIM, 0))
 
@@ -272,19 +292,44 @@ if HAS_TRITON:
 _LOG2E = 1.4426950408889634
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch of the decode path: key tile, warps, Triton's software-pipelining depth, how many programs per SM
+    the split count aims for (rounded up, or with whole_waves down, so that no partly filled extra wave of
+    programs follows), and (FP8/INT8 cache with bf16 queries) whether the dot products run in fp16 instead of
+    bf16."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+    whole_waves: bool = False
+    f16_dot: bool = False
+
+
+# Per KV-cache element size in bytes (2: bf16/fp16, 1: FP8/INT8), the best geometric mean of a sweep on an H100
+# at the Llama-3.1-8B heads (batch 1 at 32K and 128K keys, batch 8 at 32K; benchmarks/decode_attention.py).
+# An FP8 tile of 128 keys holds the bytes of a bf16 tile of 64, and 2 programs per SM is what fits at once.
+DECODE_CONFIGS: dict[int, DecodeConfig] = {
+    2: DecodeConfig(block_n=128, num_stages=2, programs_per_sm=2, whole_waves=True),
+    1: DecodeConfig(block_n=128, num_stages=2, programs_per_sm=2, whole_waves=True, f16_dot=True),
+}
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+def _decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, cfg: DecodeConfig) -> int:
     """Splits of the key range per (sequence, kv head) in the decode path, from host-known shapes only.
 
-    Enough programs to fill the GPU twice over, but no split shorter than 256 keys of the longest context the
+    About `programs_per_sm` programs per SM, but no split shorter than 256 keys of the longest context the
     block table can address (for a CUDA graph that is the capture-time width, so replays stay valid)."""
     programs = num_seqs * num_kv_heads
-    wanted = triton.cdiv(2 * _sm_count(device), programs)
-    return max(1, min(wanted, triton.cdiv(max_context, 256), 64))
+    target = cfg.programs_per_sm * _sm_count(device)
+    wanted = target // programs if cfg.whole_waves else triton.cdiv(target, programs)
+    return max(1, min(wanted, triton.cdiv(max_context, 256), 128))
 
 
 def paged_attention_triton(
@@ -300,12 +345,14 @@ def paged_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    decode_config: DecodeConfig | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_attention_ref, plus max_seqlen_q (host int, >= every sequence's q_len): it sizes
-    the prefill grid, and 1 selects the decode path. block_m, block_n and num_splits override the tile
-    sizes and the decode split count (tests and tuning). Output rows past cu_seqlens_q[-1] are left unset."""
+    the prefill grid, and 1 selects the decode path. block_m, block_n, num_splits and decode_config override
+    the tile sizes, the decode split count and the decode launch (tests and tuning). Output rows past
+    cu_seqlens_q[-1] are left unset."""
     kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
     assert kv_quant or q.dtype == k_cache.dtype == v_cache.dtype, "q and a float KV cache must share a dtype"
     assert not kv_quant or (k_scale is not None and v_scale is not None), "a quantized KV cache needs its scales"
@@ -338,9 +385,11 @@ def paged_attention_triton(
         )  # fmt: skip
         return out
 
-    block_n = block_n or 64
+    cfg = decode_config or DECODE_CONFIGS.get(k_cache.element_size(), DecodeConfig())
+    cfg = replace(cfg, block_n=block_n or cfg.block_n)
     if num_splits is None:
-        num_splits = _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        max_context = block_tables.shape[1] * block_size
+        num_splits = _decode_splits(num_seqs, num_kv_heads, max_context, q.device, cfg)
     # The M dimension of a dot is at least 16: pad the group of query heads.
     block_g = max(triton.next_power_of_2(group), 16)
     if num_splits > 1:
@@ -352,13 +401,15 @@ def paged_attention_triton(
         q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
         qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
-        GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, SPLIT=num_splits > 1, **common,
-        num_warps=4, num_stages=3,
+        GROUP=group, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, **common,
+        F16_DOT=cfg.f16_dot and kv_quant and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
+        block_s = triton.next_power_of_2(num_splits)
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_o, part_lse, out, cu_seqlens_q, out.stride(0), out.stride(1), num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            BLOCK_S=block_s, CHUNK_S=min(block_s, 16), HEAD_DIM=head_dim,
             BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
