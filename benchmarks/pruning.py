@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -395,6 +396,7 @@ def speed_engine_24(run_dir: str, prompts: int, input_len: int, output_len: int)
         sparse, sparse_tokens = _engine_run(folder, batch, output_len, sparse_kernels=True)
     except Exception as e:  # noqa: BLE001 - e.g. a kernel that CUDA graphs cannot capture: measure it eagerly
         graph_error = f"{type(e).__name__}: {e}"
+        traceback.print_exc(limit=-6)
     if graph_error is not None:  # outside the handler, so the failed engine's memory is released first
         print(f"sparse kernels with CUDA graphs failed ({graph_error}); eager", flush=True)
         gc.collect()
@@ -418,7 +420,7 @@ def _section(out: dict, key: str, fn, *a) -> None:
     try:
         out[key] = fn(*a)
     except Exception as e:  # noqa: BLE001 - a benchmark reports what broke and goes on
-        out[key] = {"error": f"{type(e).__name__}: {e}"}
+        out[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-6)}
     print(key, f"{time.perf_counter() - start:.1f}s", json.dumps(out[key])[:2000], flush=True)
 
 
