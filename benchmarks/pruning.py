@@ -6,8 +6,10 @@ Parts (run any subset; each writes benchmarks/results/pruning-<part>-<model>.jso
   sparsity    dense vs 50% unstructured vs 2:4 for each method (CPU is enough)
   structured  Minitron-style width pruning to --target-fraction of the parameters, then distillation; MHA/GQA
               to fewer KV heads (mean-pooled), then distillation (GPU: bf16 autocast)
-  speed       2:4 sparse vs dense linear layers and end-to-end prefill at a Llama-3-8B shape (random weights),
-              and the slimserve engine's decode/throughput on the pruned model vs the original (GPU)
+  speed       (GPU; sections chosen by --speed) linears: 2:4 linear layers through cuSPARSELt and CUTLASS vs dense
+              at Llama-3-8B shapes; prefill: a Llama-3-8B-shaped decoder stack, dense vs 2:4; engine24: the engine
+              with --sparse-kernels vs dense GEMMs on a 2:4 Llama-3.2-1B-shaped checkpoint (random weights);
+              pruned: the engine on the pruned students vs the original
 
 usage: python benchmarks/pruning.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf --parts sparsity
        python benchmarks/pruning.py --model SmolLM2.gguf --parts structured speed --distill-seconds 120
