@@ -6,8 +6,10 @@ Parts (run any subset; each writes benchmarks/results/pruning-<part>-<model>.jso
   sparsity    dense vs 50% unstructured vs 2:4 for each method (CPU is enough)
   structured  Minitron-style width pruning to --target-fraction of the parameters, then distillation; MHA/GQA
               to fewer KV heads (mean-pooled), then distillation (GPU: bf16 autocast)
-  speed       2:4 sparse vs dense linear layers and end-to-end prefill at a Llama-3-8B shape (random weights),
-              and the slimserve engine's decode/throughput on the pruned model vs the original (GPU)
+  speed       (GPU; sections chosen by --speed) linears: 2:4 linear layers through cuSPARSELt and CUTLASS vs dense
+              at Llama-3-8B shapes; prefill: a Llama-3-8B-shaped decoder stack, dense vs 2:4; engine24: the engine
+              with --sparse-kernels vs dense GEMMs on a 2:4 Llama-3.2-1B-shaped checkpoint (random weights);
+              pruned: the engine on the pruned students vs the original
 
 usage: python benchmarks/pruning.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf --parts sparsity
        python benchmarks/pruning.py --model SmolLM2.gguf --parts structured speed --distill-seconds 120
@@ -18,12 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -162,10 +166,11 @@ def part_structured(args, reference, tokenizer, wins, calib: Calibration, device
     total = count_parameters(reference)
     importance = estimate_importance(teacher, calib.samples, device, progress=False)
     shape = shape_for_target(reference, int(total * args.target_fraction))
-    students = {
-        "structured": apply_structured(reference.cpu(), importance, shape),
-        "gqa": convert_gqa(reference.cpu(), args.kv_heads),
-    }
+    students = {}
+    if "structured" in args.students:
+        students["structured"] = apply_structured(reference.cpu(), importance, shape)
+    if "gqa" in args.students:
+        students["gqa"] = convert_gqa(reference.cpu(), args.kv_heads)
     teacher = reference.to(device)
     folders = {}
     lines = ["| model | params | perplexity | KL (nats/token) | top-1 agreement |", "|---|---:|---:|---:|---:|"]
@@ -175,7 +180,8 @@ def part_structured(args, reference, tokenizer, wins, calib: Calibration, device
         if "reference" not in out:
             out["reference"] = before["reference"].to_dict() | {"parameters": total}
             lines.append(quality_row("dense reference", before["reference"], f"{total / 1e6:.1f}M"))
-        seconds = args.distill_seconds * (args.structured_share if label == "structured" else 1 - args.structured_share)
+        share = args.structured_share if label == "structured" else 1 - args.structured_share
+        seconds = args.distill_seconds * (share if len(students) > 1 else 1.0)
         run = distill_student(args, teacher, student, data, label, seconds, run_dir)
         after = compare(teacher, {"after": student}, wins, progress=False)
         params = count_parameters(student)
@@ -234,27 +240,45 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
 LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
-def speed_linears(tokens: list[int]) -> list[dict]:
-    from torch.sparse import to_sparse_semi_structured
+def _to_24(w: torch.Tensor, cutlass: bool):
+    """The compressed 2:4 weight through cuSPARSELt (PyTorch's default) or CUTLASS."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
+    default = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+    try:
+        return to_sparse_semi_structured(w)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = default
+
+
+def speed_linears(tokens: list[int]) -> list[dict]:
+    """Each Llama-3-8B linear at each token count: dense cuBLAS vs 2:4 through cuSPARSELt and through CUTLASS."""
     from slimserve.compress.prune.masks import nm_mask
 
     rows = []
     for name, (n, k) in LLAMA8B_LINEARS.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         w = w.masked_fill(nm_mask(w.float().abs(), 2, 4), 0)
-        ws = to_sparse_semi_structured(w)
+        backends = {"sparse": _to_24(w, cutlass=False), "cutlass": _to_24(w, cutlass=True)}
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            dense = time_cuda(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-            sparse = time_cuda(lambda x=x, ws=ws: torch.nn.functional.linear(x, ws))
-            err = (torch.nn.functional.linear(x, ws).float() - torch.nn.functional.linear(x, w).float()).abs().max()
+            ref = torch.nn.functional.linear(x, w).float()
             flops = 2 * m * n * k
-            rows.append({
-                "layer": name, "out": n, "in": k, "tokens": m, "dense_ms": dense, "sparse_ms": sparse,
-                "speedup": dense / sparse, "dense_tflops": flops / dense / 1e9, "max_abs_diff": err.item(),
-                "dense_fraction_of_790": flops / dense / 1e9 / 790,
-            })  # fmt: skip
+            row = {"layer": name, "out": n, "in": k, "tokens": m}
+            row["dense_ms"] = time_cuda(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+            row["dense_tflops"] = flops / row["dense_ms"] / 1e9
+            row["dense_fraction_of_790"] = row["dense_tflops"] / 790
+            for backend, ws in backends.items():
+                try:
+                    err = (torch.nn.functional.linear(x, ws).float() - ref).abs().max().item()
+                    ms = time_cuda(lambda x=x, ws=ws: torch.nn.functional.linear(x, ws))
+                except RuntimeError as e:  # a shape or dtype the backend does not take
+                    row[f"{backend}_error"] = str(e).splitlines()[0]
+                    continue
+                row |= {f"{backend}_ms": ms, f"{backend}_speedup": row["dense_ms"] / ms,
+                        f"{backend}_max_abs_diff": err}  # fmt: skip
+            rows.append(row)
     return rows
 
 
@@ -344,35 +368,52 @@ def speed_engine(folders: dict[str, str], prompts: int, input_len: int, output_l
     return out
 
 
+LLAMA1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
+)  # fmt: skip
+
+
 def speed_engine_24(run_dir: str, prompts: int, input_len: int, output_len: int) -> dict:
     """A Llama-3.2-1B-shaped model (random weights) pruned 2:4 by magnitude: the engine with sparse kernels vs
     the same checkpoint with dense GEMMs, and whether their greedy tokens agree."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from slimserve.checkpoint.random_model import word_level_tokenizer
     from slimserve.compress.prune import save_pruned
 
-    cfg = LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.device("cuda"):
+    cfg = LlamaConfig(**LLAMA1B)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only checks the script: no sparse kernels
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     config = SparsityConfig("magnitude", structure="2:4")
-    prune_(model, config, device="cuda", progress=False)
-    folder = str(save_pruned(model.cpu(), config, os.path.join(run_dir, "llama1b-24")))
+    prune_(model, config, device=device, progress=False)
+    tokenizer = word_level_tokenizer(cfg.vocab_size)  # the engine loads one; the prompts are token ids
+    folder = str(save_pruned(model.cpu(), config, os.path.join(run_dir, "llama1b-24"), tokenizer))
     del model
     torch.cuda.empty_cache()
     batch = random_prompts(cfg.vocab_size, prompts, input_len)
+    graph_error = None
     try:
         sparse, sparse_tokens = _engine_run(folder, batch, output_len, sparse_kernels=True)
     except Exception as e:  # noqa: BLE001 - e.g. a kernel that CUDA graphs cannot capture: measure it eagerly
-        print(f"sparse kernels with CUDA graphs failed ({type(e).__name__}: {e}); eager", flush=True)
+        graph_error = f"{type(e).__name__}: {e}"
+        traceback.print_exc(limit=-6)
+    if graph_error is not None:  # outside the handler, so the failed engine's memory is released first
+        print(f"sparse kernels with CUDA graphs failed ({graph_error}); eager", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
         sparse, sparse_tokens = _engine_run(folder, batch, output_len, sparse_kernels=True, enforce_eager=True)
-        sparse["cuda_graph_error"] = f"{type(e).__name__}: {e}"
+        sparse["cuda_graph_error"] = graph_error
     dense, dense_tokens = _engine_run(folder, batch, output_len, sparse_kernels=False)
     same = sum(a == b for a, b in zip(sparse_tokens, dense_tokens))
-    return {"shape": "Llama-3.2-1B", "sparse_kernels": sparse, "dense_gemm": dense, "identical_outputs": same,
-            "prompts": prompts, "input_len": input_len, "output_len": output_len}  # fmt: skip
+    speedup = {k: sparse[k] / dense[k] for k in dense if k.endswith("tok_s")}
+    return {"shape": "Llama-3.2-1B", "sparse_kernels": sparse, "dense_gemm": dense, "sparse_over_dense": speedup,
+            "identical_outputs": same, "prompts": prompts, "input_len": input_len,
+            "output_len": output_len}  # fmt: skip
+
+
+SPEED_SECTIONS = ["linears", "prefill", "engine24"]
 
 
 def _section(out: dict, key: str, fn, *a) -> None:
@@ -381,24 +422,31 @@ def _section(out: dict, key: str, fn, *a) -> None:
     try:
         out[key] = fn(*a)
     except Exception as e:  # noqa: BLE001 - a benchmark reports what broke and goes on
-        out[key] = {"error": f"{type(e).__name__}: {e}"}
+        out[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-6)}
     print(key, f"{time.perf_counter() - start:.1f}s", json.dumps(out[key])[:2000], flush=True)
+
+
+def _ms(r: dict, backend: str) -> str:
+    return f"{r[backend + '_ms']:.3f} ({r[backend + '_speedup']:.2f}x)" if backend + "_ms" in r else "failed"
 
 
 def part_speed(args, device: torch.device, folders: dict[str, str], run_dir: str) -> None:
     out = header(args, device, "speed")
-    if "random" in args.speed:
+    if "linears" in args.speed:
         _section(out, "linears", speed_linears, [16, 256, 2048, 8192])
         if isinstance(out["linears"], list):
-            print("| layer | tokens | dense ms | 2:4 ms | speedup | dense TFLOP/s |\n|---|---:|---:|---:|---:|---:|")
+            print("| layer | tokens | dense ms | 2:4 cuSPARSELt ms | 2:4 CUTLASS ms | dense TFLOP/s |")
+            print("|---|---:|---:|---:|---:|---:|")
             for r in out["linears"]:
                 print(f"| {r['layer']} {r['out']}x{r['in']} | {r['tokens']} | {r['dense_ms']:.3f} | "
-                      f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['dense_tflops']:.0f} |")  # fmt: skip
+                      f"{_ms(r, 'sparse')} | {_ms(r, 'cutlass')} | {r['dense_tflops']:.0f} |")  # fmt: skip
         write(args, "speed", out)
+    if "prefill" in args.speed:
         _section(out, "prefill_8b", speed_prefill, args.prefill_layers, 1, 4096)
         torch.cuda.empty_cache()
         write(args, "speed", out)
-        _section(out, "engine_24", speed_engine_24, run_dir, 64, 1024, 64)
+    if "engine24" in args.speed:
+        _section(out, "engine_24", speed_engine_24, run_dir, args.engine_prompts, 1024, 64)
         write(args, "speed", out)
     if folders and "pruned" in args.speed:
         _section(out, "engine_pruned", speed_engine, folders, args.engine_prompts, 256, 128)
@@ -415,18 +463,28 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=4)
     p.add_argument("--target-fraction", type=float, default=0.75, help="structured: parameters kept")
+    p.add_argument("--students", nargs="+", default=["structured", "gqa"], choices=["structured", "gqa"])
     p.add_argument("--kv-heads", type=int, default=1, help="GQA conversion target")
-    p.add_argument("--distill-seconds", type=float, default=600, help="training time for both students together")
-    p.add_argument("--structured-share", type=float, default=0.7, help="share of it for the structured student")
+    p.add_argument("--distill-seconds", type=float, default=600, help="training time for the students together")
+    p.add_argument("--structured-share", type=float, default=0.7, help="structured student's share of it")
     p.add_argument("--distill-steps", type=int, default=2000, help="schedule length (time may stop it first)")
     p.add_argument("--distill-rows", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--prefill-layers", type=int, default=32)
     p.add_argument("--engine-prompts", type=int, default=128)
-    p.add_argument("--speed", nargs="+", default=["random", "pruned"], help="random: 8B/1B shapes; pruned: students")
+    p.add_argument(
+        "--speed",
+        nargs="+",
+        default=["random", "pruned"],
+        choices=[*SPEED_SECTIONS, "random", "pruned"],
+        help="linears: 2:4 vs dense GEMMs (8B shapes); prefill: 8B decoder stack; engine24: the engine with and "
+        "without sparse kernels on a 2:4 1B-shaped checkpoint; random: all three; pruned: the students",
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if "random" in args.speed:
+        args.speed = [*SPEED_SECTIONS, *args.speed]
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folders = {}

@@ -8,7 +8,7 @@
     roofline of the bytes each step actually reads (quantized weights, scales, zero points, the bf16 LM head
     and the KV cache of the context) at 3.0 TB/s;
   * prefill throughput of a 4096-token prompt (8B shape), each scheme vs bf16;
-  * offline throughput (256 requests, input and output lengths uniform in 100-1024), each scheme (1B shape);
+  * offline throughput (256 requests, input and output lengths uniform in 100-1024), each scheme and shape;
   * FP8 KV cache (8B shape, bf16 weights): KV-cache tokens that fit in the same memory, and decode speed
     at a 32K-token context vs the bf16 cache.
 Random weights (load_format="dummy") of the real shapes: speed does not depend on the values.
@@ -51,7 +51,7 @@ HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
 SCHEMES = ["bf16", "W8A16", "W4A16", "FP8", "W4A8"]
 # checks: kernels vs references; gemv: batch-1 GEMV timings; decode: batch-1 engine decode per shape and scheme
-# (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline (1B); kv: FP8 cache.
+# (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline; kv: FP8 cache.
 PARTS = ["checks", "gemv", "decode", "prefill", "throughput", "kv"]
 
 
@@ -283,15 +283,17 @@ def engine_section(args: argparse.Namespace, result: dict, save, t0: float) -> N
         for scheme in args.schemes:
             folder = model_folder(args.workdir, shape, scheme)
             kwargs = dict(dtype="bfloat16", load_format="dummy", enable_prefix_caching=False)
-            if big:
-                kwargs.update(max_num_seqs=1, max_model_len=4096 + 256, gpu_memory_utilization=0.85)
+            if big:  # one sequence at a time unless the throughput runs on this shape too
+                kwargs.update(max_model_len=4096 + 256, gpu_memory_utilization=0.85)
+                if "throughput" not in args.parts:
+                    kwargs.update(max_num_seqs=1)
             else:
                 kwargs.update(max_model_len=2048, gpu_memory_utilization=0.6)
             llm = LLM(folder, **kwargs)
             r = per_scheme[scheme] = {"batch1": batch1_decode(llm, vocab, 128, 256)}
             if big and "prefill" in args.parts:
                 r["prefill_4096"] = prefill(llm, vocab, 4096)
-            elif not big and "throughput" in args.parts:
+            if "throughput" in args.parts:
                 r["throughput"] = throughput(llm, vocab, args.num_requests)
             print(f"[{time.perf_counter() - t0:.0f}s] {shape} {scheme}: {json.dumps(r)}", flush=True)
             save()

@@ -27,6 +27,12 @@ def sparse_structure(raw_config: dict) -> str | None:
     return (q.get("sparsity_config") or {}).get("sparsity_structure")
 
 
+def _row_major_output(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The sparse GEMM computes (W x^T)^T and may hand back a transposed view; the engine's kernels that read
+    the projection (rope/KV write, attention) need unit stride along the features."""
+    return out.contiguous()
+
+
 def use_sparse_24(model: nn.Module) -> list[str]:
     """Swap the weight of every 2:4-sparse engine Linear for its compressed form; the names swapped."""
     from torch.sparse import to_sparse_semi_structured
@@ -41,5 +47,6 @@ def use_sparse_24(model: nn.Module) -> list[str]:
         if w.shape[0] % MIN_ROWS or w.shape[1] % MIN_COLS or not is_24_sparse(w):
             continue
         mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        mod.register_forward_hook(_row_major_output)
         swapped.append(name)
     return swapped

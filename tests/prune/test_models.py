@@ -123,3 +123,11 @@ def test_sparse_swap_needs_cuda_half_precision_and_the_pattern():
     assert is_24_sparse(model.proj.weight) and not is_24_sparse(torch.ones(4, 8))
     assert use_sparse_24(model) == []  # on the CPU the dense weight stays
     assert type(model.proj.weight.data) is torch.Tensor
+
+
+def test_sparse_layer_output_hook_gives_row_major_values():
+    from slimserve.layers.sparse import _row_major_output
+
+    out = torch.randn(64, 5).t()  # the layout F.linear gives with a cuSPARSELt weight: stride (1, tokens)
+    fixed = _row_major_output(None, (), out)
+    assert fixed.is_contiguous() and fixed.stride(-1) == 1 and torch.equal(fixed, out)
