@@ -7,9 +7,10 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+kv-fp8|+kv-int8]; calibration is generic or self (default generic
-when the variant needs data); +rot folds randomized Hadamard rotations into the weights first and +mse
-searches each group's clipping range (the "mse" observer) instead of taking its min/max.
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor]; calibration
+is generic or self (default generic when the variant needs data); +rot folds randomized Hadamard rotations into the
+weights first and +mse searches each group's clipping range (the "mse" observer) instead of taking its min/max;
++kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same data.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from slimserve.compress.api import Calibration, quantize_
-from slimserve.compress.configs import METHODS, PRESETS, QuantConfig, kv_cache_preset, preset
+from slimserve.compress.configs import KV_CACHE_PRESETS, METHODS, PRESETS, QuantConfig, kv_cache_preset, preset
 from slimserve.compress.corpus import generic_samples, token_windows
 from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.loading import load_causal_lm
@@ -31,7 +31,11 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--scheme", help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--method", choices=METHODS, help="weight algorithm (default rtn)")
     p.add_argument("--group-size", help="32, 64, 128, or 'channel' for one scale per output channel")
-    p.add_argument("--kv-cache", choices=["fp8", "int8"], help="also quantize the KV cache, calibrated per head")
+    p.add_argument(
+        "--kv-cache",
+        choices=list(KV_CACHE_PRESETS),
+        help="also quantize the KV cache, static scales calibrated per KV head (-tensor: one per layer)",
+    )
     p.add_argument(
         "--rotate",
         nargs="?",

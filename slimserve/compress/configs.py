@@ -289,7 +289,13 @@ PRESETS: dict[str, tuple[type[QuantConfig], dict[str, Any]]] = {
     "W2A16": (IntxWeightOnly, {"bits": 2, "group_size": 64}),
     "TERNARY": (TernaryWeightOnly, {"group_size": 64}),
 }
-KV_CACHE_PRESETS: dict[str, str] = {"fp8": "float", "int8": "int"}
+# name -> (type, per_head): per-head scales by default; "-tensor" is one scale per layer (llm-compressor's default).
+KV_CACHE_PRESETS: dict[str, tuple[str, bool]] = {
+    "fp8": ("float", True),
+    "int8": ("int", True),
+    "fp8-tensor": ("float", False),
+    "int8-tensor": ("int", False),
+}
 
 
 def preset(name: str, **overrides: Any) -> QuantConfig:
@@ -307,4 +313,4 @@ def preset(name: str, **overrides: Any) -> QuantConfig:
 def kv_cache_preset(name: str) -> KVCacheConfig:
     if name.lower() not in KV_CACHE_PRESETS:
         raise QuantConfigError(f"unknown KV-cache scheme {name!r}; choose one of {', '.join(KV_CACHE_PRESETS)}")
-    return KVCacheConfig(KV_CACHE_PRESETS[name.lower()])
+    return KVCacheConfig(*KV_CACHE_PRESETS[name.lower()])

@@ -3,7 +3,7 @@
     scheme: W8A8
     options: {}                 # fields of the scheme's config (group_size, symmetric, granularity, ...)
     ignore: [lm_head]
-    kv_cache: fp8               # or int8
+    kv_cache: fp8               # or int8, fp8-tensor, int8-tensor
     calibration: {source: generic, num_samples: 128, seq_len: 512}
     stages:
       - rotate: {kind: hadamard}  # optional, first: rotations folded into the weights

@@ -52,11 +52,14 @@ class _CacheProxy:
         return getattr(self.inner, name)
 
 
+def cache_argument(attn: nn.Module) -> str:
+    """The name of the attention forward's cache argument: transformers 5 renamed past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(attn.forward).parameters else "past_key_values"
+
+
 def attach(attn: nn.Module, args: QuantArgs | None, observer: KVObserver | None = None) -> RemovableHandle:
     """Route the attention module's cache writes through quantization (args) and/or an observer."""
-
-    # transformers 5 renamed the attention's cache argument from past_key_values to cache.
-    key = "cache" if "cache" in inspect.signature(attn.forward).parameters else "past_key_values"
+    key = cache_argument(attn)
 
     def hook(module: nn.Module, a: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs[key] = _CacheProxy(module, kwargs.get(key), args, observer)
