@@ -157,7 +157,16 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=4)
     p.add_argument("--sensitivity-tokens", type=int, default=1024, help="tokens of the per-layer KL window")
-    p.add_argument("--skip", type=int, nargs="+", default=[1, 2, 3, 5], help="most sensitive layers kept in bf16")
+    p.add_argument("--skip", type=int, nargs="+", default=[1, 2, 3, 5, 8], help="most sensitive layers kept in bf16")
+    p.add_argument(
+        "--headroom",
+        type=float,
+        nargs="*",
+        default=[4.0],
+        help="per-head scales times these factors (E4M3 keeps its "
+        "relative precision over a wide range, so a larger scale trades little precision for no saturation)",
+    )
+    p.add_argument("--only", nargs="+", help="evaluate only the variants whose names contain one of these strings")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -194,9 +203,14 @@ def main() -> None:
         "INT8, per-head static scales": (static(int8_head, INT8_HEAD), 1.0),
         "FP8, per-head, Hadamard-rotated keys": (rotated_keys(rotated, rotation), 1.0),
     }
+    for h in args.headroom:
+        roomy = [(k * h, v * h) for k, v in per_head]
+        variants[f"FP8, per-head static scales x{h:g}"] = (static(roomy, FP8_HEAD), 1.0)
     for n in args.skip:
         keep = sorted(order[:n])
         variants[f"FP8, per-head, layers {keep} in bf16"] = (skipping(fp8, set(keep)), 1.0 + n / len(attns))
+    if args.only:
+        variants = {label: v for label, v in variants.items() if any(s in label for s in args.only)}
     models = {label: CacheVariant(model, fn) for label, (fn, _) in variants.items()}
     start = time.perf_counter()
     quality = compare(model, models, wins)
