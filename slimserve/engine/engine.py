@@ -104,7 +104,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         decode_steps = config.num_decode_steps or (16 if self.device.type == "cuda" else 1)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len, decode_steps)
-        self.speculative = build_speculative(spec, config, self.runner) if spec else None
+        self.speculative = build_speculative(spec, config, self.runner, decode_steps) if spec else None
         if self.speculative:
             self.speculative.eos_token_ids = self.eos_token_ids
         self.requests: dict[str, _Request] = {}

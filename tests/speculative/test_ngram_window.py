@@ -53,13 +53,15 @@ def plain(target_folder) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts(), params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("setting", ["batch", "preemption", "graphs"])
+@pytest.mark.parametrize("setting", ["batch", "preemption", "graphs", "graphs-short-windows"])
 def test_windows_equal_plain_decoding(monkeypatch, target_folder, plain, setting):
     iterations = count_window_runs(monkeypatch)
     kwargs = dict(block_size=4, num_decode_steps=4)
     if setting == "preemption":
         kwargs.update(num_kv_blocks=20, max_num_batched_tokens=64)
-    if setting == "graphs":
+    if setting.startswith("graphs"):
+        # Short windows: fewer iterations than captured batch sizes (each capture runs one iteration).
+        kwargs["num_decode_steps"] = 2 if setting == "graphs-short-windows" else 4
         monkeypatch.setattr(cuda_graphs, "wants_graphs", lambda runner: True)
         monkeypatch.setattr(cuda_graphs, "capture", fake_capture)
         kwargs.update(max_num_seqs=8)
@@ -73,7 +75,7 @@ def test_windows_equal_plain_decoding(monkeypatch, target_folder, plain, setting
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
     if setting == "preemption":
         assert engine.scheduler.num_preemptions > 0
-    if setting == "graphs":
+    if setting.startswith("graphs"):
         assert FakeGraph.replays >= sum(iterations)
 
 

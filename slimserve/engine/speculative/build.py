@@ -50,11 +50,14 @@ def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: Model
     return DraftModelProposer(runner, target.model_config.vocab_size, config.seed)
 
 
-def build_speculative(spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner) -> SpeculativeDecoder:
+def build_speculative(
+    spec: SpeculativeConfig, config: EngineConfig, runner: ModelRunner, decode_steps: int
+) -> SpeculativeDecoder:
+    """decode_steps: the longest decode window the scheduler grants (the most iterations a device window runs)."""
     if spec.method == "ngram":
         proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         limits = (spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
-        windows = NgramWindows(runner, *limits, spec.disable_by_batch_size)
+        windows = NgramWindows(runner, *limits, spec.disable_by_batch_size, decode_steps)
         return SpeculativeDecoder(spec, runner, proposer, config.seed, windows)
     if spec.method == "draft":
         proposer: Proposer = _draft_proposer(spec, config, runner)

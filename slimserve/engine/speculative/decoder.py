@@ -122,8 +122,7 @@ class SpeculativeDecoder:
         accepted = [row[0] for row in host]
         emitted = [row[1 : row[0] + 2] for row in host]
         for seq, d, n in zip(seqs, drafts, accepted):
-            self.stats.add(len(d), n)
-            self.request_stats.setdefault(seq.request_id, SpeculativeStats()).add(len(d), n)
+            self._count(seq, len(d), n)
         committed = [len(s.token_ids) + n for s, n in zip(seqs, accepted)]
         self.proposer.verified(seqs, starts, committed, hidden, cu)
         logprobs, top = self._logprobs(seqs, logits, tokens, accepted)
@@ -135,10 +134,14 @@ class SpeculativeDecoder:
             for drafted, emitted in self._live_iterations(seq, row):
                 self.window_tokens += len(emitted)
                 self.window_iterations += 1
-                self.stats.add(drafted, len(emitted) - 1)
-                self.request_stats.setdefault(seq.request_id, SpeculativeStats()).add(drafted, len(emitted) - 1)
+                self._count(seq, drafted, len(emitted) - 1)
         emitted = [[t for tokens in row.emitted for t in tokens] for row in rows]
         return StepOutput(list(range(len(seqs))), emitted, None, None)
+
+    def _count(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        """One verification, in the engine's and the request's acceptance counters."""
+        self.stats.add(num_drafts, num_accepted)
+        self.request_stats.setdefault(seq.request_id, SpeculativeStats()).add(num_drafts, num_accepted)
 
     def _live_iterations(self, seq: Sequence, row: WindowRow) -> list[tuple[int, list[int]]]:
         """The iterations before the sequence stops (max_tokens, EOS, a stop token id); the device ran the

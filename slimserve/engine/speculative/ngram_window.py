@@ -14,7 +14,7 @@ from slimserve.engine.runner import ModelRunner, cuda_graph_batch_sizes
 from slimserve.engine.sequence import Sequence
 from slimserve.engine.speculative import cuda_graphs
 from slimserve.engine.speculative.rejection import greedy_verify
-from slimserve.layers.attention import AttentionMetadata
+from slimserve.engine.speculative.verify_graphs import VerifyInputs
 
 # History entries left of position 0 (one fewer than the longest n-gram) hold this value, never a token id.
 _NO_TOKEN = -1
@@ -63,29 +63,26 @@ class WindowRow:
 
 class NgramWindows:
     """Device state for windows of up to `max_batch` sequences: the token histories, the verification
-    inputs, and per batch size one iteration (a CUDA graph where the runner captures graphs)."""
+    inputs, and per batch size one iteration (a CUDA graph where the runner captures graphs). A window runs at
+    most max_iterations iterations."""
 
-    def __init__(self, runner: ModelRunner, k: int, min_n: int, max_n: int, max_batch: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, k: int, min_n: int, max_n: int, max_batch: int, max_iterations: int
+    ) -> None:
         self.runner, self.k, self.min_n, self.max_n = runner, k, min_n, max_n
         self.width = k + 1
         self.max_len = runner.max_model_len
-        self.max_windows = max(1, runner.config.num_decode_steps or 16)
+        self.max_windows = max_iterations
         dev = runner.device
         self.sizes = cuda_graph_batch_sizes(min(max_batch, runner.config.max_num_seqs))
         max_bs = max(self.sizes)
-        rows = max_bs * self.width
         # Token histories: max_n - 1 columns of _NO_TOKEN, max_len tokens, one scratch column that absorbs
         # the writes of tokens that were not emitted.
         self.history = torch.full((max_bs, max_n - 1 + self.max_len + 1), _NO_TOKEN, dtype=torch.int32, device=dev)
         self.lengths = torch.ones(max_bs, dtype=torch.long, device=dev)
         # Tokens of KV room each sequence holds (its blocks, capped by max_model_len); 0 marks padding rows.
         self.room = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.ids = torch.zeros(rows, dtype=torch.int32, device=dev)
-        self.positions = torch.zeros(rows, dtype=torch.int32, device=dev)
-        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev) * self.width
+        self.verify = VerifyInputs(runner, self.width, max_bs)
         self.offsets = torch.arange(self.width, device=dev)
         self.iteration = torch.zeros(1, dtype=torch.long, device=dev)
         # Per iteration and row: drafts proposed, tokens emitted, and the target's argmax of every query row.
@@ -95,6 +92,8 @@ class NgramWindows:
         if cuda_graphs.wants_graphs(runner):
             pool = None
             for bs in reversed(self.sizes):
+                # Capturing runs the iteration once (compiling its kernels), which records it as iteration 0.
+                self.iteration.zero_()
                 self.graphs[bs], _ = cuda_graphs.capture(lambda bs=bs: self._iterate(bs), pool)
                 pool = self.graphs[bs].pool()
             cuda_graphs.synchronize(dev)
@@ -148,7 +147,7 @@ class NgramWindows:
         a, b = n * longest, n * (longest + table_width)
         self.history[:n, pad:].fill_(_NO_TOKEN)
         self.history[:n, pad : pad + longest].copy_(packed[:a].view(n, longest))
-        self.tables[:n, :table_width].copy_(packed[a:b].view(n, table_width))
+        self.verify.tables[:n, :table_width].copy_(packed[a:b].view(n, table_width))
         self.lengths[:n].copy_(packed[b : b + n])
         self.room[:n].copy_(packed[b + n :])
         self.lengths[n:bs].fill_(1)
@@ -167,22 +166,16 @@ class NgramWindows:
         num_drafts = num_drafts * active
         last = history.gather(1, lengths[:, None] - 1 + pad).long().clamp_min(0)  # padding rows: token 0
         positions = lengths[:, None] - 1 + self.offsets
-        blocks = self.tables[:bs].gather(1, (positions // block_size).clamp_max(self.tables.shape[1] - 1))
+        verify = self.verify
+        tables = verify.tables[:bs]
+        blocks = tables.gather(1, (positions // block_size).clamp_max(tables.shape[1] - 1))
         slots = torch.where(active[:, None], blocks * block_size + positions % block_size, -1)
         rows = bs * width
-        self.ids[:rows].copy_(torch.cat([last, drafts], dim=1).view(-1))
-        self.positions[:rows].copy_(positions.view(-1))
-        self.slots[:rows].copy_(slots.view(-1))
-        self.seq_lens[:bs].copy_(torch.where(active, lengths + k, 0))
-        meta = AttentionMetadata(
-            slot_mapping=self.slots[:rows],
-            cu_seqlens_q=self.cu[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.tables[:bs],
-            max_seqlen_q=width,
-        )
-        model = self.runner.model
-        logits = model.compute_logits(model(self.ids[:rows], self.positions[:rows], meta))
+        verify.ids[:rows].copy_(torch.cat([last, drafts], dim=1).view(-1))
+        verify.positions[:rows].copy_(positions.view(-1))
+        verify.slots[:rows].copy_(slots.view(-1))
+        verify.seq_lens[:bs].copy_(torch.where(active, lengths + k, 0))
+        logits = self.runner.model.compute_logits(verify.forward(bs))
         target = logits.view(bs, width, -1).argmax(dim=-1)
         num_accepted, tokens = greedy_verify(target, drafts, num_drafts)
         emitted = (num_accepted + 1) * active

@@ -41,19 +41,39 @@ class VerifyGraph:
         return self.hidden[:rows], self.logits[:rows]
 
 
-class VerifyGraphs:
-    def __init__(self, runner: ModelRunner, k: int, max_bs: int) -> None:
+class VerifyInputs:
+    """Static inputs of a verification pass over up to max_bs sequences of `width` query rows each (the last
+    token and the drafts), for CUDA graphs to read."""
+
+    def __init__(self, runner: ModelRunner, width: int, max_bs: int) -> None:
         self.runner = runner
-        self.k = k
-        self.width = k + 1
+        self.width = width
         dev = runner.device
-        rows = max_bs * self.width
+        rows = max_bs * width
         self.ids = torch.zeros(rows, dtype=torch.int32, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int32, device=dev)
         self.slots = torch.full((rows,), -1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev) * self.width
+        self.cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev) * width
         self.tables = torch.zeros(max_bs, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+
+    def forward(self, bs: int) -> torch.Tensor:
+        """The target's final hidden states of the first bs sequences' rows."""
+        rows = bs * self.width
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:rows],
+            cu_seqlens_q=self.cu[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.tables[:bs],
+            max_seqlen_q=self.width,
+        )
+        return self.runner.model(self.ids[:rows], self.positions[:rows], meta)
+
+
+class VerifyGraphs(VerifyInputs):
+    def __init__(self, runner: ModelRunner, k: int, max_bs: int) -> None:
+        super().__init__(runner, k + 1, max_bs)
+        self.k = k
         self.graphs: dict[int, VerifyGraph] = {}
 
     @classmethod
@@ -66,17 +86,9 @@ class VerifyGraphs:
         pool = None
         model = runner.model
         for bs in reversed(sizes):
-            rows = bs * graphs.width
-            meta = AttentionMetadata(
-                slot_mapping=graphs.slots[:rows],
-                cu_seqlens_q=graphs.cu[: bs + 1],
-                seq_lens=graphs.seq_lens[:bs],
-                block_tables=graphs.tables[:bs],
-                max_seqlen_q=graphs.width,
-            )
 
-            def step(rows: int = rows, meta: AttentionMetadata = meta) -> tuple[torch.Tensor, torch.Tensor]:
-                hidden = model(graphs.ids[:rows], graphs.positions[:rows], meta)
+            def step(bs: int = bs) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden = graphs.forward(bs)
                 return hidden, model.compute_logits(hidden)
 
             graph, (hidden, logits) = cuda_graphs.capture(step, pool)
