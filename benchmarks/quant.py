@@ -1,9 +1,9 @@
 """Quantized inference on a GPU, one run: kernels against their references, then the engine per scheme.
 
-  * kernel checks: every quantized GEMM path (W4A16, W8A16, W4A8, block FP8, FP8 activation quantization)
+  * kernel checks: every quantized GEMM path (W4A16, W8A16, W2A16, W4A8, block FP8, FP8 activation quantization)
     and paged attention over an FP8 KV cache against the plain-torch references, at real shapes;
   * GEMV timings at the 8B shape's projections (batch 1): each format vs the bf16 cuBLAS GEMV, in GB/s;
-  * batch-1 decode (128-token prompt, 256 greedy tokens) for bf16, W8A16, W4A16, FP8 and W4A8 on the
+  * batch-1 decode (128-token prompt, 256 greedy tokens) for bf16, W8A16, W4A16, W3A16, W2A16, FP8 and W4A8 on the
     Llama-3.2-1B and an 8B-class (Llama-3.1-8B) shape: tok/s, ratio to bf16, and the fraction of the HBM
     roofline of the bytes each step actually reads (quantized weights, scales, zero points, the bf16 LM head
     and the KV cache of the context) at 3.0 TB/s;
@@ -49,7 +49,7 @@ from engine import SHAPES, make_requests, slimserve_throughput, sync_time  # noq
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
-SCHEMES = ["bf16", "W8A16", "W4A16", "FP8", "W4A8"]
+SCHEMES = ["bf16", "W8A16", "W4A16", "W3A16", "W2A16", "FP8", "W4A8"]
 # checks: kernels vs references; gemv: batch-1 GEMV timings; decode: batch-1 engine decode per shape and scheme
 # (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline; kv: FP8 cache.
 PARTS = ["checks", "gemv", "decode", "prefill", "throughput", "kv"]
@@ -105,7 +105,7 @@ def kernel_checks() -> list[dict]:
                     (2048, 6144, 4096)]:  # fmt: skip
         x = torch.randn(m, k, device="cuda").bfloat16()
         for name, bits, group, zeros in [("W4A16", 4, 128, False), ("W4A16-asym-g32", 4, 32, True),
-                                         ("W8A16-g64", 8, 64, False)]:  # fmt: skip
+                                         ("W8A16-g64", 8, 64, False), ("W2A16-asym-g64", 2, 64, True)]:  # fmt: skip
             w = random_int_weight(n, k, bits, group, zeros)
             rows.append({"kernel": name, "shape": [m, n, k],
                          "rel_err": rel_err(quant_gemm_triton(x, w), quant_gemm_ref(x, w))})  # fmt: skip
@@ -146,9 +146,10 @@ def gemv_timings() -> list[dict]:
         x = torch.randn(1, k, device="cuda").bfloat16()
         dense = torch.randn(n, k, device="cuda").bfloat16() * 0.02
         cases = {"bf16": (lambda x=x, dense=dense: torch.nn.functional.linear(x, dense), n * k * 2)}
-        for scheme, bits in (("W8A16", 8), ("W4A16", 4)):
-            w = random_int_weight(n, k, bits, 128, False)
-            cases[scheme] = ((lambda x=x, w=w: quant_gemm_triton(x, w)), w.qweight.nbytes + w.scales.nbytes)
+        for scheme, bits, group, zeros in (("W8A16", 8, 128, False), ("W4A16", 4, 128, False), ("W2A16", 2, 64, True)):
+            w = random_int_weight(n, k, bits, group, zeros)
+            nbytes = w.qweight.nbytes + w.scales.nbytes + (0 if w.zeros is None else w.zeros.nbytes)
+            cases[scheme] = ((lambda x=x, w=w: quant_gemm_triton(x, w)), nbytes)
         wq = (torch.randn(n, k, device="cuda") * 64).to(torch.float8_e4m3fn)
         sb = torch.rand(1, n, device="cuda")
 

@@ -180,7 +180,8 @@ if HAS_TRITON:
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
-        HIGH_SHIFT: tl.constexpr = 12 + 4 * (BITS // 8)  # 4 bits: the top code lands at bit 16; 8 bits: at 8
+        # The word's high codes move down by HIGH_SHIFT: 2 and 4 bits, the top code lands at bits 18 and 16; 8 at 8.
+        HIGH_SHIFT: tl.constexpr = 12 + 4 * (BITS // 8)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = tl.arange(0, WORDS)
@@ -257,8 +258,9 @@ GEMV_MAX_M = 16  # up to this many tokens the GEMM splits K like a GEMV (the wei
 # Up to this many tokens, integer weights of these bits take the CUDA-core GEMV rather than the tensor-core kernel
 # (which pads to 16 tokens). H100, results/quant-gemv-2026-11-25*.json: at 4 bits the GEMV wins up to 3 tokens
 # and ties at 4, where it is twice as fast with groups of 32 (the tensor-core kernel's K tile shrinks to the
-# group); at 8 bits it wins up to 3 tokens and loses at 4.
-FMA_GEMV_MAX_M = {4: 4, 8: 3}
+# group); at 8 bits it wins up to 3 tokens and loses at 4. 2-bit codes cost the GEMV what 4-bit codes cost per
+# weight, for half the bytes.
+FMA_GEMV_MAX_M = {2: 4, 4: 4, 8: 3}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ class QuantWeight:
     qweight: torch.Tensor  # int32 [N, ceil(K / (32 // bits))] or float8_e4m3fn [N, K]
     scales: torch.Tensor  # [ceil(N / block_n), ceil(K / group_size)]
     zeros: torch.Tensor | None  # [N, ceil(K / group_size)], unsigned domain; None: symmetric
-    bits: int  # 4 or 8
+    bits: int  # 2, 4 or 8 (whole codes per int32 word)
     group_size: int  # inputs per scale (K for one scale per row)
     in_features: int
     out_features: int

@@ -22,7 +22,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_int_gemv_matches_reference(bits, case):
     gen, seed = generator()

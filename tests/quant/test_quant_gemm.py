@@ -34,7 +34,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_pack_roundtrip():
     gen, _ = generator()
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         codes = torch.randint(0, 1 << bits, (5, 37), generator=gen)
         assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 37), codes)
 
@@ -43,7 +43,7 @@ def test_pack_roundtrip():
 SHAPES = [(1, 72, 256), (3, 40, 384), (16, 33, 128), (17, 96, 256), (40, 130, 192)]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 @pytest.mark.parametrize("zeros", [False, True])
 def test_a16_matches_reference(bits, group, zeros):

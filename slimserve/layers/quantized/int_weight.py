@@ -1,7 +1,9 @@
 """The shared half of the integer weight-only layers (compressed-tensors, GPTQ, AWQ): each checkpoint layout
 is converted per shard into unsigned codes, scales and zero points, which `build` stacks into one
-QuantWeight (codes packed along the input dimension) for the W4A16/W8A16 kernels, stored input-major: the
-decode GEMV then reads each K step of a column tile as one contiguous run (the checkpoint keeps its layout)."""
+QuantWeight (codes packed along the input dimension) for the W2A16/W4A16/W8A16 kernels, stored input-major: the
+decode GEMV then reads each K step of a column tile as one contiguous run (the checkpoint keeps its layout).
+3-bit codes, which straddle int32 words in the checkpoint, are widened to the 4-bit layout at load: the kernels
+take whole codes per word, so a 3-bit model runs at 4-bit speed."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimserve.compress.quant.packing import pack_int32, unpack_int32
 from slimserve.errors import CheckpointError
 from slimserve.kernels.quant_gemm import quant_gemm
 from slimserve.kernels.quant_gemm_ref import QuantWeight, pack_codes, unpack_codes
@@ -42,6 +45,11 @@ class IntWeightLinear(QuantLinearBase):
     def num_groups(self) -> int:
         return -(-self.in_features // self.group_size)
 
+    @property
+    def kernel_bits(self) -> int:
+        """Bits per code in the kernels' layout: whole codes per int32 word (2, 4 or 8)."""
+        return 4 if self.scheme.bits == 3 else self.scheme.bits
+
     def _act_order(self, shards: list[IntShard]) -> torch.Tensor | None:
         """The input permutation that makes every group's columns contiguous (None: already in order)."""
         k, g = self.in_features, self.group_size
@@ -58,20 +66,24 @@ class IntWeightLinear(QuantLinearBase):
 
     def build(self, parts: Parts) -> None:
         shards = [self.shard(p, rows) for p, rows in zip(parts, self.shard_sizes)]
-        bits, k = self.scheme.bits, self.in_features
+        bits, k = self.kernel_bits, self.in_features
+        # Widening keeps (code - zero): codes and zero points move up by the same offset.
+        offset = (1 << (bits - 1)) - (1 << (self.scheme.bits - 1))
         perm = self._act_order(shards)
         packed = []
         for s in shards:
-            if s.packed is not None and perm is None:
+            if s.packed is not None and perm is None and offset == 0:
                 packed.append(s.packed.to(torch.int32))
                 continue
             codes = s.codes if s.codes is not None else unpack_codes(s.packed, bits, k)
+            codes = codes + offset
             packed.append(pack_codes(codes if perm is None else codes[:, perm], bits))
         has_zeros = any(s.zeros is not None for s in shards)
         zeros = None
         if has_zeros:
             mid = float(1 << (bits - 1))
-            zeros = torch.cat([s.zeros if s.zeros is not None else torch.full_like(s.scales, mid) for s in shards])
+            zeros = torch.cat([s.zeros + offset if s.zeros is not None else torch.full_like(s.scales, mid)
+                               for s in shards])  # fmt: skip
             zeros = zeros.to(self.dtype).contiguous()
         self.perm = perm
         self.cpu_int8 = None
@@ -118,14 +130,16 @@ class CompressedIntLinear(IntWeightLinear):
         zeros = None
         if "weight_zero_point" in part:
             zp = part["weight_zero_point"]
-            if self.scheme.packed:  # packed along the output dimension, already unsigned
-                zp = unpack_codes(zp.t().contiguous(), bits, rows).t()
-            else:
-                zp = zp.to(torch.int32) + offset
-            zeros = self.check_shape("weight_zero_point", zp, (rows, groups)).float()
+            if self.scheme.packed:  # densely packed along the output dimension
+                words = self.check_shape("weight_zero_point", zp, (-(-rows * bits // 32), groups))
+                zp = unpack_int32(words, bits, rows, dim=0).to(torch.int32)
+            zeros = self.check_shape("weight_zero_point", zp.to(torch.int32) + offset, (rows, groups)).float()
         g_idx = part.get("weight_g_idx")
         if self.scheme.packed:
-            packed = self.check_shape("weight_packed", part["weight_packed"], (rows, -(-k // (32 // bits))))
+            packed = self.check_shape("weight_packed", part["weight_packed"], (rows, -(-k * bits // 32)))
+            if 32 % bits:  # codes straddle words: unpacked here, repacked whole by `build`
+                return IntShard(scales, codes=unpack_int32(packed, bits, k).to(torch.int32) + offset, zeros=zeros,
+                                g_idx=g_idx)  # fmt: skip
             return IntShard(scales, packed=packed, zeros=zeros, g_idx=g_idx)
         codes = self.check_shape("weight", part["weight"], (rows, k)).to(torch.int32) + offset
         return IntShard(scales, codes=codes, zeros=zeros, g_idx=g_idx)
@@ -135,12 +149,13 @@ class CompressedIntLinear(IntWeightLinear):
         codes = torch.randint(0, 1 << bits, (rows, k), generator=generator, device=dev)
         scale = torch.rand(rows, groups, generator=generator, device=dev) * 2e-3 + 1e-3
         zp = torch.randint(0, 1 << bits, (rows, groups), generator=generator, device=dev)
+        q, zq = codes - (1 << (bits - 1)), zp - (1 << (bits - 1))  # signed, as checkpoints store them
         if self.scheme.packed:
-            part = {"weight_packed": pack_codes(codes, bits), "weight_scale": scale}
-            zp = pack_codes(zp.t(), bits).t().contiguous()
+            part = {"weight_packed": pack_int32(q, bits), "weight_scale": scale}
+            zp = pack_int32(zq, bits, dim=0)
         else:
-            part = {"weight": (codes - (1 << (bits - 1))).to(torch.int8), "weight_scale": scale}
-            zp = (zp - (1 << (bits - 1))).to(torch.int8)
+            part = {"weight": q.to(torch.int8), "weight_scale": scale}
+            zp = zq.to(torch.int8)
         if not self.scheme.symmetric:
             part["weight_zero_point"] = zp
         return part

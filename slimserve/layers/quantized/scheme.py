@@ -78,8 +78,10 @@ def _ct_scheme(group: dict[str, Any], default_format: str | None) -> LinearSchem
         return LinearScheme("ct-float", 8, "float", True, strategy, None, block, act)
     if fmt not in ("pack-quantized", "int-quantized", "naive-quantized"):
         raise CheckpointError(f"compressed-tensors format {fmt!r} is not supported")
-    if bits not in (4, 8) or strategy not in ("channel", "group", "tensor"):
+    if bits not in (2, 3, 4, 8) or strategy not in ("channel", "group", "tensor"):
         raise CheckpointError(f"integer weights of {bits} bits per {strategy!r} are not supported")
+    if act is not None and bits not in (4, 8):
+        raise CheckpointError(f"{bits}-bit weights with quantized activations are not supported (4 or 8 bits)")
     if fmt != "pack-quantized" and bits != 8:
         raise CheckpointError(f"{bits}-bit weights must be pack-quantized, not {fmt!r}")
     group_size = w.get("group_size") if strategy == "group" else None
