@@ -63,15 +63,17 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
 def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     w = norm.weight.float()
     for lin in linears:
-        lin.weight.data = (lin.weight.float() * w).to(lin.weight.dtype)
+        lin.weight.data = (lin.weight.float() * w.to(lin.weight.device)).to(lin.weight.dtype)
     norm.weight.data = torch.ones_like(norm.weight)
 
 
-def _rotate_input(lin: nn.Linear, q: torch.Tensor) -> None:
-    lin.weight.data = (lin.weight.float() @ q).to(lin.weight.dtype)
+def _rotate_input(lin: nn.Module, q: torch.Tensor) -> None:
+    """W <- W Q for a layer (or embedding table) whose inputs (columns) are rotated; Q moves to W's device."""
+    lin.weight.data = (lin.weight.float() @ q.to(lin.weight.device)).to(lin.weight.dtype)
 
 
 def _rotate_output(lin: nn.Module, q: torch.Tensor) -> None:
+    q = q.to(lin.weight.device)
     lin.weight.data = (q.t() @ lin.weight.float()).to(lin.weight.dtype)
     if getattr(lin, "bias", None) is not None:
         lin.bias.data = (q.t() @ lin.bias.float()).to(lin.bias.dtype)
@@ -97,8 +99,7 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> None:
         head = model.get_output_embeddings()
         hidden = head.weight.shape[1]
         q = config.matrix(hidden, gen)
-        emb = model.get_input_embeddings()
-        emb.weight.data = (emb.weight.float() @ q).to(emb.weight.dtype)
+        _rotate_input(model.get_input_embeddings(), q)
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             readers = [attn.q_proj, attn.k_proj, attn.v_proj]
