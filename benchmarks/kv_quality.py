@@ -24,8 +24,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import nn
@@ -35,51 +33,23 @@ from slimserve.compress.corpus import generic_samples
 from slimserve.compress.hadamard import hadamard
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.quant import kv, qdq
+from slimserve.compress.quant.kv_sensitivity import (
+    CacheVariant,
+    Scales,
+    Transform,
+    most_sensitive,
+    run_through,
+    scales,
+    sensitivity,
+    static,
+)
 from slimserve.eval.metrics import compare, windows
 from slimserve.eval.text import heldout_text
 
-# A cache transform: (layer index, keys, values) [batch, kv heads, tokens, head_dim] -> what the cache returns.
-Transform = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 FP8_HEAD = QuantArgs(8, "float", True, "attn_head")
 FP8_TENSOR = QuantArgs(8, "float", True, "tensor")
 FP8_DYNAMIC = QuantArgs(8, "float", True, "token", dynamic=True)  # one scale per token and head
 INT8_HEAD = QuantArgs(8, "int", True, "attn_head")
-
-
-class _Cache:
-    """Stands in for the attention's cache argument: `update` returns the transformed keys and values."""
-
-    def __init__(self, transform: Transform, index: int) -> None:
-        self.transform, self.index = transform, index
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return self.transform(self.index, key_states, value_states)
-
-
-def _swap_cache(cache: _Cache, key: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs[key] = cache
-    return args, kwargs
-
-
-class CacheVariant(nn.Module):
-    """The reference model whose attention layers read their keys and values through `transform`."""
-
-    def __init__(self, model: nn.Module, transform: Transform) -> None:
-        super().__init__()
-        self.model, self.transform = model, transform
-
-    def forward(self, **kwargs):
-        handles = [
-            attn.register_forward_pre_hook(
-                partial(_swap_cache, _Cache(self.transform, i), kv.cache_argument(attn)), with_kwargs=True
-            )
-            for i, attn in enumerate(kv.attention_modules(self.model))
-        ]
-        try:
-            return self.model(**kwargs)
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def observe(model: nn.Module, samples: list[torch.Tensor], rotation: torch.Tensor) -> list[list[kv.KVObserver]]:
@@ -91,30 +61,11 @@ def observe(model: nn.Module, samples: list[torch.Tensor], rotation: torch.Tenso
         observers[i][1].add(k @ rotation, v)
         return k, v
 
-    with torch.no_grad():
-        for ids in samples:
-            CacheVariant(model, record)(input_ids=ids, use_cache=False)
+    run_through(model, samples, record)
     return observers
 
 
-def scales(obs: kv.KVObserver, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """k_scale and v_scale exactly as the compressor writes them to the checkpoint."""
-    holder = nn.Module()
-    kv.set_scales(holder, obs, args, torch.float32)
-    return holder.k_scale, holder.v_scale
-
-
-def static(per_layer: list[tuple[torch.Tensor, torch.Tensor]], args: QuantArgs, keys=True, values=True) -> Transform:
-    def fn(i, k, v):
-        ks, vs = per_layer[i]
-        k = qdq.fake_quantize_activation(k, args, ks) if keys else k
-        v = qdq.fake_quantize_activation(v, args, vs) if values else v
-        return k, v
-
-    return fn
-
-
-def rotated_keys(per_layer: list[tuple[torch.Tensor, torch.Tensor]], rotation: torch.Tensor) -> Transform:
+def rotated_keys(per_layer: Scales, rotation: torch.Tensor) -> Transform:
     """Keys stored as Q(k H) and read back as Q(k H) H^T: the scores equal (q H).Q(k H)."""
 
     def fn(i, k, v):
@@ -135,17 +86,6 @@ def bf16(i: int, k: torch.Tensor, v: torch.Tensor):
 
 def dynamic(i: int, k: torch.Tensor, v: torch.Tensor):
     return qdq.fake_quantize_activation(k, FP8_DYNAMIC), qdq.fake_quantize_activation(v, FP8_DYNAMIC)
-
-
-def sensitivity(model: nn.Module, transform: Transform, layers: int, window: torch.Tensor) -> list[float]:
-    """KL divergence from the reference when only one layer's cache is quantized."""
-    variants = {str(j): CacheVariant(model, partial(_only, transform, j)) for j in range(layers)}
-    quality = compare(model, variants, [window], progress=False)
-    return [quality[str(j)].kl_divergence for j in range(layers)]
-
-
-def _only(inner: Transform, layer: int, i: int, k: torch.Tensor, v: torch.Tensor):
-    return inner(i, k, v) if i == layer else (k, v)
 
 
 def main() -> None:
@@ -187,8 +127,7 @@ def main() -> None:
     rotated = [scales(r, FP8_HEAD) for _, r in observers]
     ones = [(torch.ones(1), torch.ones(1)) for _ in attns]
     fp8 = static(per_head, FP8_HEAD)
-    kl = sensitivity(model, fp8, len(attns), wins[0][:, : args.sensitivity_tokens])
-    order = sorted(range(len(attns)), key=lambda j: -kl[j])
+    kl = sensitivity(model, fp8, [wins[0][:, : args.sensitivity_tokens]])
     calibrate_s = time.perf_counter() - start
 
     kv_heads = attns[0].config.num_key_value_heads
@@ -207,7 +146,7 @@ def main() -> None:
         roomy = [(k * h, v * h) for k, v in per_head]
         variants[f"FP8, per-head static scales x{h:g}"] = (static(roomy, FP8_HEAD), 1.0)
     for n in args.skip:
-        keep = sorted(order[:n])
+        keep = most_sensitive(kl, n)
         variants[f"FP8, per-head, layers {keep} in bf16"] = (skipping(fp8, set(keep)), 1.0 + n / len(attns))
     if args.only:
         variants = {label: v for label, v in variants.items() if any(s in label for s in args.only)}

@@ -92,6 +92,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV-cache storage: auto (the model's dtype), fp8 or int8 (with the checkpoint's per-head scales)",
     )
     group.add_argument(
+        "--kv-cache-skip-layers",
+        default=None,
+        metavar="LAYERS",
+        help="decoder layers whose KV cache stays in the model's dtype with --kv-cache-dtype fp8/int8, e.g. 0,1,4 "
+        "or 0-4,7 (default: the layers the checkpoint names, if any)",
+    )
+    group.add_argument(
         "--load-format", choices=["auto", "dummy"], default="auto", help="dummy: random weights (speed runs)"
     )
     group.add_argument(
@@ -118,6 +125,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         speculative_config=args.speculative_config,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_skip_layers=args.kv_cache_skip_layers,
         load_format=args.load_format,
         cpu_quantization=args.cpu_quantization,
         quantization=args.quantization,

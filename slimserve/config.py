@@ -25,6 +25,28 @@ _DTYPES = {
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 
 
+def parse_layer_list(text: str, what: str) -> list[int]:
+    """Decoder-layer indices written as "0,1,4" or with ranges, "0-4,7"; sorted, each once."""
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise SlimserveError(f"{what}: {part!r} is not a layer index or a range like 0-4")
+        layers.update(range(int(first), int(last or first) + 1))
+    return sorted(layers)
+
+
+def check_layer_indices(layers: Any, what: str) -> list[int]:
+    """A list of decoder-layer indices (or its text form): non-negative integers, sorted, each once."""
+    if isinstance(layers, str):
+        return parse_layer_list(layers, what)
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise SlimserveError(f"{what} must be a list of layer indices, got {layers!r}")
+    if any(i < 0 for i in layers):
+        raise SlimserveError(f"{what} must hold non-negative layer indices, got {list(layers)}")
+    return sorted(set(layers))
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
     if isinstance(dtype, torch.dtype):
@@ -205,6 +227,9 @@ class EngineConfig:
     # KV-cache storage, as vLLM names it: auto (the model's dtype), fp8 (E4M3) or int8, with the checkpoint's
     # calibrated per-head scales (FP8 without them uses scale 1.0).
     kv_cache_dtype: str = "auto"
+    # Decoder layers whose KV cache stays in the model's dtype (no scales) while the others use kv_cache_dtype,
+    # e.g. [0, 1, 4] or "0-4,7"; None: the checkpoint's quantization_config.kv_cache_skip_layers, if any.
+    kv_cache_skip_layers: list[int] | str | None = None
     # "auto" reads the checkpoint's weights; "dummy" fills them randomly (speed runs of a config.json alone).
     load_format: str = "auto"
     # Weight-only quantization applied at load for CPU inference: "int8" or "int4" (None keeps the weights).
@@ -228,6 +253,10 @@ class EngineConfig:
             raise SlimserveError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}"
             )
+        if self.kv_cache_skip_layers is not None:
+            self.kv_cache_skip_layers = check_layer_indices(self.kv_cache_skip_layers, "kv_cache_skip_layers")
+            if self.kv_cache_skip_layers and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:
+                raise SlimserveError("kv_cache_skip_layers needs a quantized kv_cache_dtype (fp8 or int8)")
         if self.load_format not in ("auto", "dummy"):
             raise SlimserveError(f"load_format must be auto or dummy, not {self.load_format!r}")
         if self.cpu_quantization not in (None, "int8", "int4"):

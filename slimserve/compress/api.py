@@ -14,6 +14,7 @@ from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.layer import LayerQuantizer
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.moe import uncalibrated_experts, unfuse_experts
+from slimserve.compress.quant import kv_sensitivity
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
 from slimserve.compress.rotation import rotate_model
 from slimserve.compress.structure import decoder_layers, target_linears
@@ -74,6 +75,45 @@ def _float_matrices(model: nn.Module) -> list[str]:
     return sorted(out)
 
 
+def _sensitivity_samples(samples: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first whole samples that hold `tokens` calibration tokens (at least one sample)."""
+    out: list[torch.Tensor] = []
+    for s in samples:
+        if out and sum(x.shape[-1] for x in out) >= tokens:
+            break
+        out.append(s)
+    return out
+
+
+@torch.no_grad()
+def _resolve_kv_skip(
+    model: nn.Module, config: QuantConfig, samples: list[torch.Tensor], device: torch.device, report: CompressionReport
+) -> QuantConfig:
+    """The config with its full-precision KV layers decided (the automatic choice scores every layer on the
+    calibration data, the whole model on `device`), recorded in the report."""
+    kv_config = config.kv_cache
+    num_layers = len(decoder_layers(model))
+    if kv_config.auto_skip:
+        if kv_config.auto_skip >= num_layers:
+            raise QuantConfigError(f"KV-cache auto:{kv_config.auto_skip} leaves none of {num_layers} layers quantized")
+        home = next(model.parameters()).device
+        try:
+            model.to(device)
+            chosen = _sensitivity_samples(samples, kv_config.sensitivity_tokens)
+            report.kv_cache_layer_kl = kv_sensitivity.layer_kl(model, chosen, kv_config.args())
+        finally:
+            model.to(home)
+        skip = kv_sensitivity.most_sensitive(report.kv_cache_layer_kl, kv_config.auto_skip)
+        kv_config = replace(kv_config, skip_layers=tuple(skip), auto_skip=0)
+    beyond = [i for i in kv_config.skip_layers if i >= num_layers]
+    if beyond:
+        raise QuantConfigError(
+            f"KV-cache skip layers: no layer {', '.join(map(str, beyond))}; the model's layers are 0-{num_layers - 1}"
+        )
+    report.kv_cache_skip_layers = list(kv_config.skip_layers)
+    return replace(config, kv_cache=kv_config)
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -111,6 +151,8 @@ def quantize_(
         bank.calibrate_all = config.moe_calibrate_all_experts
     if config.rotation is not None:
         rotate_model(model, config.rotation)
+    if config.kv_cache is not None:
+        config = _resolve_kv_skip(model, config, calibration.samples, device, report)
     quantize_sequential(model, config, calibration.samples if report.calibration else None, device, report, progress)
     if outside:
         record = LayerRecord(index=-1, seconds=0.0, peak_memory_mb=0.0)

@@ -37,6 +37,12 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="also quantize the KV cache, static scales calibrated per KV head (-tensor: one per layer)",
     )
     p.add_argument(
+        "--kv-cache-skip-layers",
+        metavar="LAYERS",
+        help="with --kv-cache: decoder layers whose cache the engine keeps in full precision, e.g. 0,1,4 or 0-4,7, "
+        "or auto:N for the N layers whose quantized cache alone costs the most KL divergence on calibration data",
+    )
+    p.add_argument(
         "--rotate",
         nargs="?",
         const="hadamard",
@@ -89,19 +95,21 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     if bool(args.recipe) == bool(args.scheme):
         raise QuantConfigError("give exactly one of --recipe and --scheme")
     if args.recipe:
-        flags = (args.method, args.group_size, args.kv_cache, args.ignore, args.moe_calibrate_all_experts)
-        if any(flags) or args.rotate or args.observer:
+        flags = (args.method, args.group_size, args.kv_cache, args.kv_cache_skip_layers, args.ignore)
+        if any(flags) or args.moe_calibrate_all_experts or args.rotate or args.observer:
             raise QuantConfigError(
-                "--method, --group-size, --kv-cache, --ignore, --moe-calibrate-all-experts, --rotate and --observer "
-                "go into the recipe file"
+                "--method, --group-size, --kv-cache, --kv-cache-skip-layers, --ignore, --moe-calibrate-all-experts, "
+                "--rotate and --observer go into the recipe file"
             )
         recipe = load_recipe(args.recipe)
     else:
         overrides = _group_size(args.group_size)
         if args.method:
             overrides["method"] = args.method
+        if args.kv_cache_skip_layers and not args.kv_cache:
+            raise QuantConfigError("--kv-cache-skip-layers needs --kv-cache (fp8 or int8)")
         if args.kv_cache:
-            overrides["kv_cache"] = kv_cache_preset(args.kv_cache)
+            overrides["kv_cache"] = kv_cache_preset(args.kv_cache, args.kv_cache_skip_layers)
         if args.ignore:
             overrides["ignore"] = tuple(args.ignore)
         if args.moe_calibrate_all_experts:

@@ -11,6 +11,7 @@ from slimserve.compress.errors import QuantConfigError
 from slimserve.compress.quant.hqq import HQQOptions
 from slimserve.compress.quant.observers import OBSERVERS
 from slimserve.compress.rotation import RotationConfig
+from slimserve.config import check_layer_indices, parse_layer_list
 
 # lm_head stays in full precision (it dominates the error for little memory) and MoE routers must keep their
 # exact logits; names are matched as plain module-name suffixes or, with the "re:" prefix, as regexes.
@@ -49,6 +50,23 @@ class KVCacheConfig:
 
     type: str = "float"  # "float" (FP8 E4M3) or "int" (INT8)
     per_head: bool = True
+    # Decoder layers whose cache the engine keeps in the model's dtype, recorded in a slimserve-only entry of
+    # quantization_config. Their scales are still calibrated and written: readers that ignore the entry
+    # (transformers, vLLM) quantize every layer's cache as before.
+    skip_layers: tuple[int, ...] = ()
+    # Instead: keep the N layers whose quantized cache alone moves the next-token distribution most on the
+    # calibration data (KL divergence from the model with an unquantized cache, in the dtype it was loaded in:
+    # fp32 on the CPU; one forward pass of the whole model per layer).
+    auto_skip: int = 0
+    # Calibration tokens the automatic choice scores the layers on (whole samples, at least one).
+    sensitivity_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        self.skip_layers = tuple(check_layer_indices(list(self.skip_layers), "KV-cache skip layers"))
+        if self.auto_skip < 0 or self.sensitivity_tokens < 1:
+            raise QuantConfigError("auto_skip must be >= 0 and sensitivity_tokens positive")
+        if self.auto_skip and self.skip_layers:
+            raise QuantConfigError("give KV-cache skip layers by index or auto_skip, not both")
 
     def args(self) -> QuantArgs:
         return QuantArgs(8, self.type, True, "attn_head" if self.per_head else "tensor")
@@ -310,7 +328,16 @@ def preset(name: str, **overrides: Any) -> QuantConfig:
     return cls(**{**defaults, **overrides})
 
 
-def kv_cache_preset(name: str) -> KVCacheConfig:
+def kv_cache_preset(name: str, skip_layers: str | None = None) -> KVCacheConfig:
+    """A KV-cache preset; `skip_layers` as the command line takes it: indices ("0,1,4", "0-4,7") or "auto:N"."""
     if name.lower() not in KV_CACHE_PRESETS:
         raise QuantConfigError(f"unknown KV-cache scheme {name!r}; choose one of {', '.join(KV_CACHE_PRESETS)}")
-    return KVCacheConfig(*KV_CACHE_PRESETS[name.lower()])
+    kind, per_head = KV_CACHE_PRESETS[name.lower()]
+    if skip_layers is None:
+        return KVCacheConfig(kind, per_head)
+    count = skip_layers.strip().removeprefix("auto:")
+    if count != skip_layers.strip():
+        if not count.isdigit() or int(count) < 1:
+            raise QuantConfigError(f"KV-cache skip layers {skip_layers!r}: auto:N takes a positive number of layers")
+        return KVCacheConfig(kind, per_head, auto_skip=int(count))
+    return KVCacheConfig(kind, per_head, tuple(parse_layer_list(skip_layers, "KV-cache skip layers")))

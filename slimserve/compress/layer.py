@@ -133,9 +133,13 @@ class LayerQuantizer:
         run_with_hooks(run, handles)
         if self.config.kv_cache is not None:
             kv_args = self.config.kv_cache.args()
+            # A skipped layer's scales are written too (other readers quantize every layer), but its cache stays
+            # in full precision, so the layers after it calibrate on unrounded keys and values, as served.
+            rounded = self.record.index not in self.config.kv_cache.skip_layers
             for attn, obs in observers.items():
                 kv.set_scales(attn, obs, kv_args, next(attn.parameters()).dtype)
-                kv.attach(attn, kv_args)
+                if rounded:
+                    kv.attach(attn, kv_args)
 
     def _input_absmax(self, full: str) -> torch.Tensor:
         """The largest input seen per channel; for an expert that saw no token, the largest any expert of

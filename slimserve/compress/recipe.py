@@ -4,6 +4,7 @@
     options: {}                 # fields of the scheme's config (group_size, symmetric, granularity, ...)
     ignore: [lm_head]
     kv_cache: fp8               # or int8, fp8-tensor, int8-tensor
+    kv_cache_skip_layers: 0,1,4 # layers the engine keeps in full precision, or auto:N (optional)
     calibration: {source: generic, num_samples: 128, seq_len: 512}
     stages:
       - rotate: {kind: hadamard}  # optional, first: rotations folded into the weights
@@ -35,7 +36,7 @@ from slimserve.compress.quant.hqq import HQQOptions
 from slimserve.compress.rotation import RotationConfig
 
 WEIGHT_STAGES = {"rtn": None, "gptq": GPTQOptions, "awq": AWQOptions, "hqq": HQQOptions}
-TOP_LEVEL = {"scheme", "options", "ignore", "kv_cache", "calibration", "stages"}
+TOP_LEVEL = {"scheme", "options", "ignore", "kv_cache", "kv_cache_skip_layers", "calibration", "stages"}
 
 
 @dataclass
@@ -73,8 +74,12 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     overrides: dict[str, Any] = dict(data.get("options") or {})
     if "ignore" in data:
         overrides["ignore"] = tuple(data["ignore"])
+    skip = data.get("kv_cache_skip_layers")
+    if skip is not None and not data.get("kv_cache"):
+        raise RecipeError(f"{where}: kv_cache_skip_layers needs a kv_cache entry")
     if data.get("kv_cache"):
-        overrides["kv_cache"] = kv_cache_preset(str(data["kv_cache"]))
+        skip_text = ",".join(map(str, skip)) if isinstance(skip, list) else skip
+        overrides["kv_cache"] = kv_cache_preset(str(data["kv_cache"]), None if skip is None else str(skip_text))
     method = None
     overrides.setdefault("smoothquant", None)
     for i, stage in enumerate(data.get("stages") or []):

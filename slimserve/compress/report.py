@@ -37,6 +37,9 @@ class CompressionReport:
     unquantized_weights: list[str] = field(default_factory=list)  # other matrices left as they were
     gptq_fallbacks: list[str] = field(default_factory=list)  # layers whose Hessian was unusable: RTN instead
     uncalibrated_experts: list[str] = field(default_factory=list)  # MoE experts no calibration token reached
+    kv_cache_skip_layers: list[int] = field(default_factory=list)  # layers whose KV cache stays in full precision
+    # Per layer: the KL divergence its quantized cache alone causes on calibration data (automatic choice only).
+    kv_cache_layer_kl: list[float] | None = None
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimserve.compress.configs import QuantConfig
-from slimserve.compress.errors import OutputExistsError
+from slimserve.compress.errors import OutputExistsError, QuantConfigError
 from slimserve.compress.modules import QuantizedLinear
 from slimserve.compress.moe import checkpoint_name
 from slimserve.compress.report import CompressionReport
@@ -33,8 +33,11 @@ def check_output(out: str | os.PathLike) -> Path:
     return path
 
 
-def quantization_config(model: nn.Module, config: QuantConfig | None, sparsity: dict | None = None) -> dict[str, Any]:
-    """The `quantization_config` entry of config.json (with a `sparsity_config` for pruned weights)."""
+def quantization_config(
+    model: nn.Module, config: QuantConfig | None, sparsity: dict | None = None, kv_skip_layers: list[int] | None = None
+) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json (with a `sparsity_config` for pruned weights, and the
+    layers whose KV cache the engine keeps in full precision under a key only slimserve reads)."""
     if config is None:
         return {
             "quant_method": "compressed-tensors",
@@ -54,7 +57,7 @@ def quantization_config(model: nn.Module, config: QuantConfig | None, sparsity: 
         "output_activations": None,
         "format": config.format,
     }
-    return {
+    out = {
         "quant_method": "compressed-tensors",
         "format": config.format,
         "quantization_status": "compressed",
@@ -64,6 +67,20 @@ def quantization_config(model: nn.Module, config: QuantConfig | None, sparsity: 
         "global_compression_ratio": None,
         "sparsity_config": sparsity,
     }
+    if kv_skip_layers:
+        out["kv_cache_skip_layers"] = list(kv_skip_layers)
+    return out
+
+
+def _kv_skip_layers(config: QuantConfig | None, report: CompressionReport | None) -> list[int]:
+    """The full-precision KV layers: as quantize_ decided them (its report), else as the config names them."""
+    if config is None or config.kv_cache is None:
+        return []
+    if report is not None:
+        return report.kv_cache_skip_layers
+    if config.kv_cache.auto_skip:
+        raise QuantConfigError("pass quantize_'s report: it holds the automatic choice of full-precision KV layers")
+    return list(config.kv_cache.skip_layers)
 
 
 def _state_dict(model: nn.Module, tied: bool) -> dict[str, torch.Tensor]:
@@ -122,7 +139,7 @@ def save_compressed(
         tied = bool(cfg.get("tie_word_embeddings", False))
         if tied and isinstance(model.get_output_embeddings(), QuantizedLinear):
             cfg["tie_word_embeddings"] = tied = False  # a quantized lm_head no longer shares the embedding
-        cfg["quantization_config"] = quantization_config(model, config, sparsity)
+        cfg["quantization_config"] = quantization_config(model, config, sparsity, _kv_skip_layers(config, report))
         _save_shards(_state_dict(model, tied), tmp)
         with open(tmp / "config.json", "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)

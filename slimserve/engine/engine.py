@@ -55,16 +55,22 @@ def _eos_token_ids(path: str, model_config: ModelConfig, tokenizer: PreTrainedTo
 
 
 def describe_kv_cache(
-    num_blocks: int, block_size: int, bytes_per_block: int, max_model_len: int, world_size: int
+    num_blocks: int,
+    block_size: int,
+    bytes_per_block: int,
+    max_model_len: int,
+    world_size: int,
+    layers: str | None = None,
 ) -> str:
     """The KV-cache plan in one line: blocks, tokens that fit, and how many sequences of the full
-    max_model_len fit at once."""
+    max_model_len fit at once; `layers` says which layers a mixed cache keeps in full precision."""
     tokens = num_blocks * block_size
     per_seq = -(-max_model_len // block_size) * block_size
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    mixed = f"; {layers}" if layers else ""
     return (
         f"KV cache: {num_blocks} blocks of {block_size} tokens = {tokens} tokens "
-        f"({num_blocks * bytes_per_block / 2**30:.2f} GiB{ranks}); max_model_len {max_model_len}: "
+        f"({num_blocks * bytes_per_block / 2**30:.2f} GiB{ranks}{mixed}); max_model_len {max_model_len}: "
         f"{tokens / per_seq:.2f} sequences of that length fit at once"
     )
 
@@ -115,6 +121,7 @@ class LLMEngine:
             self.runner.kv_bytes_per_block,
             self.max_model_len,
             self.tensor_parallel.parallel.world_size,
+            self.runner.describe_kv_layers(),
         )
         logger.info("%s", self.kv_cache_plan)
 

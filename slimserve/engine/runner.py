@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from slimserve.checkpoint.hf_folder import iter_safetensors
-from slimserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
+from slimserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, check_layer_indices
 from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
-from slimserve.errors import SlimserveError
+from slimserve.errors import CheckpointError, SlimserveError
 from slimserve.layers.attention import AttentionMetadata
 from slimserve.layers.cpu_quant import quantize_for_cpu
 from slimserve.layers.sampler import SampledTokens, Sampler, SamplingBatch
@@ -64,6 +64,24 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def kv_cache_skip_layers(config: EngineConfig, model_config: ModelConfig) -> list[int]:
+    """Layers whose cache stays in the model's dtype: the engine's setting, else the checkpoint's (a quantized
+    cache only; a cache in the model's dtype skips nothing)."""
+    if KV_CACHE_DTYPES[config.kv_cache_dtype] is None:
+        return []
+    if config.kv_cache_skip_layers is not None:
+        layers, where, error = config.kv_cache_skip_layers, "kv_cache_skip_layers", SlimserveError
+    else:
+        where, error = "config.json quantization_config.kv_cache_skip_layers", CheckpointError
+        stored = (model_config.raw.get("quantization_config") or {}).get("kv_cache_skip_layers") or []
+        layers = check_layer_indices(stored, where)
+    num_layers = model_config.num_hidden_layers
+    beyond = [i for i in layers if i >= num_layers]
+    if beyond:
+        raise error(f"{where}: no layer {', '.join(map(str, beyond))}; the model's layers are 0-{num_layers - 1}")
+    return list(layers)
+
+
 def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
@@ -90,6 +108,12 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
+        # The dtype of the quantized layers' cache (the model's dtype without quantization), and each layer's.
+        self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or dtype
+        self.kv_skip_layers = kv_cache_skip_layers(config, model_config)
+        skipped = set(self.kv_skip_layers)
+        self.kv_dtypes = [dtype if i in skipped else self.kv_dtype for i in range(model_config.num_hidden_layers)]
+        self.kv_caches: dict[torch.dtype, torch.Tensor] = {}  # one tensor per cache dtype, all its layers
         with torch.device(device), _default_dtype(dtype):
             self.model = model_class(model_config)(model_config, self.parallel, config.quantization)
         # KV heads this rank keeps (a slice of them under tensor parallelism).
@@ -106,8 +130,8 @@ class ModelRunner:
         self.sparse_layers: list[str] = []
         if config.sparse_kernels and sparse_structure(model_config.raw) == "2:4":
             self.sparse_layers = use_sparse_24(self.model)
-        self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or dtype
-        if self.kv_dtype == torch.int8 and not all(a.has_kv_scales for a in self.model.attention_layers()):
+        int8_layers = [a for a, d in zip(self.model.attention_layers(), self.kv_dtypes) if d == torch.int8]
+        if not all(a.has_kv_scales for a in int8_layers):
             raise SlimserveError("kv_cache_dtype int8 needs calibrated k_scale/v_scale in the checkpoint")
         for attn in self.model.attention_layers():
             attn.k_scale, attn.v_scale = attn.k_scale.to(device), attn.v_scale.to(device)
@@ -124,9 +148,16 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        cfg = self.model_config
-        per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim * self.kv_dtype.itemsize
-        return per_token * self.block_size
+        """Keys and values of one block in every layer, each layer at its own cache dtype."""
+        per_element = sum(d.itemsize for d in self.kv_dtypes)
+        return 2 * self.num_kv_heads * self.model_config.head_dim * self.block_size * per_element
+
+    def describe_kv_layers(self) -> str | None:
+        """Which layers keep their cache in the model's dtype, when the cache mixes dtypes (else None)."""
+        if not self.kv_skip_layers:
+            return None
+        full = str(self.dtype).removeprefix("torch.")
+        return f"{self.config.kv_cache_dtype}, layers {', '.join(map(str, self.kv_skip_layers))} in {full}"
 
     def _plan_kv_cache(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -167,19 +198,22 @@ class ModelRunner:
             self.model.compute_logits(hidden[:rows]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self.kv_cache = None
+        self.kv_caches = {}
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
         return peak
 
     def _allocate_kv_cache(self, num_blocks: int | None = None) -> None:
-        cfg = self.model_config
         num_blocks = num_blocks or self.num_blocks
-        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        attns = self.model.attention_layers()
+        self.kv_caches = {}
+        for dtype in dict.fromkeys(self.kv_dtypes):
+            layers = [i for i, d in enumerate(self.kv_dtypes) if d == dtype]
+            shape = (2, len(layers), num_blocks, self.block_size, self.num_kv_heads, self.model_config.head_dim)
+            cache = self.kv_caches[dtype] = torch.zeros(shape, dtype=dtype, device=self.device)
+            for j, i in enumerate(layers):
+                attns[i].k_cache, attns[i].v_cache = cache[0, j], cache[1, j]
 
     # ---- batch preparation -------------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> tuple[list[int], list[list[int]], list[int]]:

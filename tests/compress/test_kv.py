@@ -7,9 +7,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from slimserve.cli import build_parser
 from slimserve.compress import Calibration, KVCacheConfig, preset, quantize_, save_compressed
+from slimserve.compress.cli import build_recipe
 from slimserve.compress.configs import kv_cache_preset
+from slimserve.compress.errors import QuantConfigError
 from slimserve.compress.quant import kv
+from slimserve.compress.recipe import parse_recipe
+from slimserve.errors import SlimserveError
 
 from .conftest import samples, tiny_model
 
@@ -93,3 +98,70 @@ def test_per_tensor_preset_writes_one_scale_per_layer(tmp_path):
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["kv_cache_scheme"]["strategy"] == "tensor"
     assert load_file(out / "model.safetensors")["model.layers.1.self_attn.v_scale"].shape == (1,)
+
+
+def _keys_on_grid(keys: torch.Tensor, scale: torch.Tensor) -> bool:
+    scaled = keys / scale
+    return torch.allclose(scaled, scaled.to(torch.float8_e4m3fn).float(), rtol=1e-3, atol=1e-3)
+
+
+def test_skipped_layers_stay_unrounded_and_are_recorded(tmp_path):
+    """A skipped layer's cache is not rounded while the later layers calibrate (as the engine serves it), its
+    scales are still written (other readers quantize every layer), and the list goes into a key only slimserve
+    reads, and into the report."""
+    model = tiny_model("llama")
+    config = preset("W4A16", group_size=64, kv_cache=KVCacheConfig("float", skip_layers=(1,)))
+    report = quantize_(model, config, Calibration(samples(), "test"), progress=False)
+    assert report.kv_cache_skip_layers == [1] and report.kv_cache_layer_kl is None
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(samples(1, 24, seed=5)[0], cache=cache, use_cache=True)
+    attns = [layer.self_attn for layer in model.model.layers]
+    assert _keys_on_grid(cache.layers[0].keys, attns[0].k_scale)
+    assert not _keys_on_grid(cache.layers[1].keys, attns[1].k_scale)
+    out = save_compressed(model, config, tmp_path / "q", report=report)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["kv_cache_skip_layers"] == [1] and q["kv_cache_scheme"] == KVCacheConfig("float").args().to_dict()
+    assert "model.layers.1.self_attn.k_scale" in load_file(out / "model.safetensors")
+    assert json.loads((out / "slimserve_report.json").read_text())["kv_cache_skip_layers"] == [1]
+
+
+def test_auto_skip_ranks_blown_up_keys_first(tmp_path):
+    """auto:1 keeps the layer whose quantized cache alone costs the most KL divergence on the calibration data:
+    the one whose keys a huge k_proj bias blows up. The bias sits in channel 15 of each head (head_dim 32), the
+    pair of RoPE's slowest frequency, so it stays nearly constant over the positions and changes the unquantized
+    model little; the per-head scale it sets rounds the head's other channels to zero in E4M3."""
+    model = tiny_model("qwen2", num_hidden_layers=4)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.k_proj.bias[15::32] = 1e6
+    config = preset("FP8", kv_cache=kv_cache_preset("fp8", "auto:1"))
+    report = quantize_(model, config, Calibration(samples(), "test"), progress=False)
+    kl = report.kv_cache_layer_kl
+    assert report.kv_cache_skip_layers == [2] and len(kl) == 4
+    assert kl[2] > 2 * max(kl[:2] + kl[3:])
+    out = save_compressed(model, config, tmp_path / "q", report=report)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_skip_layers"] == [2]
+    with pytest.raises(QuantConfigError, match="report"):
+        save_compressed(model, config, tmp_path / "r")
+
+
+def test_skip_layer_options():
+    assert kv_cache_preset("fp8", "0-2,5").skip_layers == (0, 1, 2, 5)
+    assert kv_cache_preset("int8", "auto:3").auto_skip == 3
+    recipe = parse_recipe({"scheme": "FP8", "kv_cache": "fp8", "kv_cache_skip_layers": [4, 0]})
+    assert recipe.config.kv_cache.skip_layers == (0, 4)
+    for text, message in (("auto:0", "positive number"), ("auto:x", "positive number"), ("1,a", "'a' is not")):
+        with pytest.raises(SlimserveError, match=message):
+            kv_cache_preset("fp8", text)
+    args = build_parser().parse_args(["compress", "m", "--out", "o", "--scheme", "FP8", "--kv-cache-skip-layers", "0"])
+    with pytest.raises(QuantConfigError, match="needs --kv-cache"):
+        build_recipe(args)
+
+
+@pytest.mark.parametrize("kv_config,message", [
+    (KVCacheConfig(skip_layers=(0, 7)), "no layer 7; the model's layers are 0-1"),
+    (KVCacheConfig(auto_skip=2), "auto:2 leaves none of 2 layers quantized"),
+])  # fmt: skip
+def test_bad_skip_layers_fail_with_one_line(kv_config, message):
+    with pytest.raises(QuantConfigError, match=message):
+        quantize_(tiny_model("llama"), preset("FP8", kv_cache=kv_config), Calibration(samples(), "t"), progress=False)

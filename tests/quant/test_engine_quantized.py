@@ -1,6 +1,8 @@
 """Checkpoints written by slimserve's compressor run in the engine with the logits that `transformers` computes
 through the compressed-tensors package (CPU, fp32): greedy tokens equal, log-probabilities within rounding."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,17 +20,18 @@ MAX_NEW = 8
 PROMPTS = [samples(1, n, seed=s)[0][0].tolist() for n, s in ((20, 5), (7, 6), (33, 8))]
 
 
-def compressed_folder(tmp_path, family: str, scheme: str, **options) -> str:
-    model = tiny_model(family)
+def compressed_folder(tmp_path, family: str, scheme: str, layers: int = 2, **options) -> str:
+    model = tiny_model(family, num_hidden_layers=layers)
     model.config.architectures = [type(model).__name__]
     config = preset(scheme, **options)
     calib = Calibration(samples(), "test") if config.needs_calibration else None
-    quantize_(model, config, calib, progress=False)
-    return str(save_compressed(model, config, tmp_path / scheme, tokenizer=byte_tokenizer()))
+    report = quantize_(model, config, calib, progress=False)
+    return str(save_compressed(model, config, tmp_path / scheme, tokenizer=byte_tokenizer(), report=report))
 
 
-def transformers_greedy(folder: str) -> list[tuple[list[int], list[float]]]:
-    model, _ = load_causal_lm(folder)
+def transformers_greedy(folder: str, model=None) -> list[tuple[list[int], list[float]]]:
+    """transformers' greedy tokens and their log-probabilities (the checkpoint's, or `model`)."""
+    model = model or load_causal_lm(folder)[0]
     results = []
     for prompt in PROMPTS:
         with torch.no_grad():
@@ -75,16 +78,23 @@ def test_engine_matches_transformers(tmp_path, family, scheme, options, atol):
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)
 
 
-def transformers_first_logprobs(folder: str, kv: KVCacheConfig) -> list[torch.Tensor]:
+def rounded_cache_model(folder: str, kv: KVCacheConfig, skip: tuple[int, ...] = ()):
     """transformers with its keys and values rounded as they enter the cache, with the checkpoint's scales
-    (the compressor's calibration hook), so its attention reads what a quantized cache holds."""
+    (the compressor's calibration hook), so its attention reads what a quantized cache holds; the `skip`
+    layers keep theirs unrounded."""
     model, _ = load_causal_lm(folder)
     tensors = load_file(f"{folder}/model.safetensors")
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         attn.register_buffer("k_scale", tensors[f"model.layers.{i}.self_attn.k_scale"])
         attn.register_buffer("v_scale", tensors[f"model.layers.{i}.self_attn.v_scale"])
-        kv_quant.attach(attn, kv.args())
+        if i not in skip:
+            kv_quant.attach(attn, kv.args())
+    return model
+
+
+def transformers_first_logprobs(folder: str, kv: KVCacheConfig) -> list[torch.Tensor]:
+    model = rounded_cache_model(folder, kv)
     with torch.no_grad():
         return [model(torch.tensor([p])).logits[0, -1].log_softmax(-1) for p in PROMPTS]
 
@@ -103,6 +113,27 @@ def test_quantized_kv_cache_with_calibrated_scales(tmp_path, kv_type, kv_dtype):
     for (tokens, logprobs), want in zip(quantized, transformers_first_logprobs(folder, kv)):
         assert tokens[0] == want.argmax().item()
         assert abs(logprobs[0] - want[tokens[0]].item()) < 0.02
+
+
+def test_kv_cache_skip_layers_match_transformers(tmp_path):
+    """Layers kept out of the FP8 cache (the checkpoint's choice, or the engine's) hold the model's dtype; the
+    others FP8. Greedy tokens and log-probabilities equal transformers' with only the other layers' keys and
+    values rounded, token after token."""
+    kv = KVCacheConfig("float", skip_layers=(1,))
+    folder = compressed_folder(tmp_path, "qwen2", "W8A16", layers=3, kv_cache=kv)
+    with open(f"{folder}/config.json") as f:
+        assert json.load(f)["quantization_config"]["kv_cache_skip_layers"] == [1]
+    for engine_skip, skip in ((None, (1,)), ([0, 2], (0, 2))):
+        llm, ours = engine_greedy(folder, kv_cache_dtype="fp8", kv_cache_skip_layers=engine_skip)
+        runner = llm.engine.runner
+        dtypes = [a.k_cache.dtype for a in runner.model.attention_layers()]
+        assert dtypes == [torch.float32 if i in skip else torch.float8_e4m3fn for i in range(3)]
+        assert [a.v_cache.dtype for a in runner.model.attention_layers()] == dtypes
+        assert f"; fp8, layers {', '.join(map(str, skip))} in float32)" in llm.engine.kv_cache_plan
+        want = transformers_greedy(folder, rounded_cache_model(folder, kv, skip))
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(ours, want):
+            assert tokens == want_tokens
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=1e-4, rtol=0)
 
 
 def test_int8_kv_cache_needs_scales(tmp_path):

@@ -37,10 +37,12 @@ def _draft_proposer(spec: SpeculativeConfig, config: EngineConfig, target: Model
     path = resolve_model(spec.model)
     draft_config = ModelConfig.from_folder(path)
     # A draft with another tokenizer stays lossless (the target verifies every token), it is just rarely right.
-    # The draft mirrors the target's cache layout: as many blocks, the same block tables.
+    # The draft mirrors the target's cache layout: as many blocks, the same block tables. The layers kept out
+    # of a quantized cache are the target's; the draft takes those its own checkpoint names.
     draft_engine_config = dataclasses.replace(
         config,
         model=path,
+        kv_cache_skip_layers=None,
         num_kv_blocks=target.num_blocks,
         max_model_len=target.max_model_len,
         max_num_seqs=min(config.max_num_seqs, spec.disable_by_batch_size),
