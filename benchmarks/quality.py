@@ -7,10 +7,12 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor]; calibration
-is generic or self (default generic when the variant needs data); +rot folds randomized Hadamard rotations into the
-weights first and +mse searches each group's clipping range (the "mse" observer) instead of taking its min/max;
-+kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same data.
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+tune][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor];
+calibration is generic or self (default generic when the variant needs data); +rot folds randomized Hadamard
+rotations into the weights first and +mse searches each group's clipping range (the "mse" observer) instead of
+taking its min/max; +tune distils the scales on the reference's logits after rounding (--tune-steps steps over the
+calibration text); +kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same
+data.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from slimserve.compress.corpus import generic_samples
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.modules import dequantized_once
 from slimserve.compress.rotation import RotationConfig
+from slimserve.compress.scale_tuning import tune_after_rounding
 from slimserve.compress.selfgen import self_samples
 from slimserve.eval.metrics import compare, windows
 from slimserve.eval.size import module_bytes
@@ -65,11 +68,13 @@ REFERENCE_NOTE = (
 
 
 def parse_variant(text: str, group_size: int | None):
+    """(config, calibration source or None, whether to tune the scales after rounding)."""
     spec, *extras = text.split("+")
     parts = spec.split(":")
     scheme, method = parts[0], parts[1] if len(parts) > 1 else "rtn"
     calib = parts[2] if len(parts) > 2 else None
     overrides: dict = {"method": method}
+    tune = "tune" in extras
     if scheme.upper().startswith(("W4", "W8A16")):
         overrides["group_size"] = group_size
     for extra in extras:
@@ -77,12 +82,14 @@ def parse_variant(text: str, group_size: int | None):
             overrides["rotation"] = RotationConfig()
         elif extra == "mse":
             overrides["observer"] = "mse"
+        elif extra == "tune":
+            continue
         else:
             overrides["kv_cache"] = kv_cache_preset(extra.removeprefix("kv-"))
     config = preset(scheme, **overrides)
-    if config.needs_calibration and calib is None:
+    if (config.needs_calibration or tune) and calib is None:
         calib = "generic"
-    return config, calib
+    return config, calib, tune
 
 
 def main() -> None:
@@ -105,6 +112,7 @@ def main() -> None:
     p.add_argument(
         "--awq-tokens", type=int, help="calibration tokens AWQ scores its scale search on (default: AWQOptions')"
     )
+    p.add_argument("--tune-steps", type=int, default=200, help="scale-tuning steps of the +tune variants")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -119,13 +127,13 @@ def main() -> None:
         texts[text_name] = windows(ids, args.context, args.max_windows)
     text_name, wins = next(iter(texts.items()))
     variants = [(v, *parse_variant(v, args.group_size)) for v in args.variants]
-    for _, config, _ in variants:
+    for _, config, _, _ in variants:
         if args.awq_tokens:
             config.awq.max_tokens = args.awq_tokens
 
     calibration: dict[str, Calibration] = {}
     timings: dict[str, float] = {}
-    for source in sorted({c for _, _, c in variants if c}):
+    for source in sorted({c for _, _, c, _ in variants if c}):
         start = time.perf_counter()
         if source == "generic":
             data = generic_samples(tokenizer, args.num_samples, args.seq_len)
@@ -153,16 +161,21 @@ def main() -> None:
     results: dict[str, dict] = {}
     for first in range(0, len(variants), args.chunk):
         models = {}
-        for label, config, calib in variants[first : first + args.chunk]:
+        for label, config, calib, tune in variants[first : first + args.chunk]:
             model = copy.deepcopy(reference)
             start = time.perf_counter()
-            report = quantize_(model, config, calibration.get(calib), device=device, progress=False)
+            report = quantize_(model, config, calibration.get(calib) if config.needs_calibration else None,
+                               device=device, progress=False)  # fmt: skip
+            if tune:
+                samples = calibration[calib].samples
+                tune_after_rounding(reference, model, samples, args.tune_steps, report, device=device)
             results[label] = {
                 "scheme": config.describe(),
                 "calibration": calib or "none",
                 "quantize_seconds": time.perf_counter() - start,
                 "size_bytes": module_bytes(model),
                 "gptq_fallbacks": report.gptq_fallbacks,
+                "scale_tuning": report.scale_tuning,
             }
             models[label] = model.to(device)
         for text, text_wins in texts.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from slimserve.compress.errors import CalibrationError, QuantConfigError
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.recipe import CalibrationSpec, Recipe, load_recipe
 from slimserve.compress.rotation import RotationConfig
+from slimserve.compress.scale_tuning import tune_after_rounding
 from slimserve.compress.selfgen import self_samples
 from slimserve.compress.writer import check_output, save_compressed
 from slimserve.config import parse_dtype
@@ -56,6 +58,14 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         action="store_true",
         help="MoE: run every expert on every calibration token for its statistics (default: routed tokens only)",
     )
+    p.add_argument(
+        "--tune-scales-steps",
+        type=int,
+        default=0,
+        help="after rounding, distil the quantization scales on the original model's logits for this many steps "
+        "over the calibration text (codes stay; 2-bit and ternary gain most; the original stays in memory)",
+    )
+    p.add_argument("--tune-scales-minutes", type=float, help="stop scale tuning after this many minutes")
     p.add_argument("--calib", help="calibration text: generic (shipped corpus), self (model-written) or a file")
     p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
@@ -148,15 +158,22 @@ def calibration_samples(spec: CalibrationSpec, model, tokenizer, device: torch.d
 
 def run_compress(args: argparse.Namespace) -> int:
     out = check_output(args.out)
+    if args.tune_scales_steps < 0 or (args.tune_scales_minutes is not None and args.tune_scales_minutes <= 0):
+        raise QuantConfigError("--tune-scales-steps and --tune-scales-minutes must be positive")
     recipe = build_recipe(args)
     config: QuantConfig = recipe.config
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_causal_lm(args.model, parse_dtype(args.dtype, device))
     calibration = None
-    if config.needs_calibration:
+    if config.needs_calibration or args.tune_scales_steps:
         calibration = calibration_samples(recipe.calibration, model, tokenizer, device)
+    teacher = copy.deepcopy(model) if args.tune_scales_steps else None
     start = time.perf_counter()
-    report = quantize_(model, config, calibration, device=device)
+    report = quantize_(model, config, calibration if config.needs_calibration else None, device=device)
+    if teacher is not None:
+        tune_after_rounding(teacher, model, calibration.samples, args.tune_scales_steps, report,
+                            args.tune_scales_minutes, device)  # fmt: skip
+        del teacher
     save_compressed(model, config, out, tokenizer, report)
     source = report.calibration["source"] if report.calibration else "none"
     print(f"wrote {out} ({config.format}, calibration: {source}) in {time.perf_counter() - start:.1f}s")

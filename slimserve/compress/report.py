@@ -40,6 +40,8 @@ class CompressionReport:
     kv_cache_skip_layers: list[int] = field(default_factory=list)  # layers whose KV cache stays in full precision
     # Per layer: the KL divergence its quantized cache alone causes on calibration data (automatic choice only).
     kv_cache_layer_kl: list[float] | None = None
+    # Scales distilled on the original model's logits after rounding: steps, seconds, first and last loss.
+    scale_tuning: dict[str, Any] | None = None
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
 
