@@ -18,7 +18,7 @@ from slimserve.compress.report import CompressionReport
 from slimserve.distill.config import DistillConfig, DistillError
 from slimserve.distill.loop import DistillResult, distill
 
-SCALE_LR = 1e-4  # Adam steps of this size move a typical group scale (1e-3 to 1e-1) by well under 10% a step
+SCALE_LR = 1e-4  # Adam moves each scale by about this much a step: 0.1-10% of typical group scales (1e-3 to 1e-1)
 
 
 def _quantized_layers(model: nn.Module) -> list[QuantizedLinear]:
