@@ -38,6 +38,7 @@ from slimserve.compress.modules import dequantized_once
 from slimserve.compress.rotation import RotationConfig
 from slimserve.compress.scale_tuning import tune_after_rounding
 from slimserve.compress.selfgen import self_samples
+from slimserve.compress.structure import decoder_layers
 from slimserve.eval.metrics import compare, windows
 from slimserve.eval.size import module_bytes
 from slimserve.eval.table import Row, markdown, plot
@@ -113,6 +114,13 @@ def main() -> None:
         "--awq-tokens", type=int, help="calibration tokens AWQ scores its scale search on (default: AWQOptions')"
     )
     p.add_argument("--tune-steps", type=int, default=200, help="scale-tuning steps of the +tune variants")
+    p.add_argument(
+        "--off-grid",
+        type=float,
+        default=0.0,
+        help="move the reference's decoder weights off their 4-bit grid: add Gaussian noise of this fraction of each "
+        "32-weight block's step ((max - min) / 15) before anything else, and use that model as the reference",
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -120,6 +128,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     reference, tokenizer = load_causal_lm(args.model, torch.float32)
+    if args.off_grid:
+        perturb_off_grid(reference, args.off_grid)
     texts = {}  # name -> evaluation windows; the first (Persuasion) is the main table
     for path in [None, *args.extra_text]:
         text, text_name = heldout_text(path)
@@ -201,6 +211,19 @@ def main() -> None:
         table = write_outputs(stem, name, header, results, rows, args.context, texts)
     print(REFERENCE_NOTE)
     print(table)
+
+
+@torch.no_grad()
+def perturb_off_grid(model: torch.nn.Module, fraction: float, block: int = 32, seed: int = 0) -> None:
+    """Add N(0, (fraction * step)^2) to every decoder linear weight, step being its 32-weight block's
+    (max - min) / 15: the GGUF 4-bit step (sub-blocks of 32), so that no weight stays on that grid."""
+    gen = torch.Generator().manual_seed(seed)
+    for lin in decoder_layers(model).modules():
+        if not isinstance(lin, torch.nn.Linear) or lin.in_features % block:
+            continue
+        w = lin.weight.view(lin.out_features, -1, block)
+        step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+        w.add_(torch.randn(w.shape, generator=gen) * step * fraction)
 
 
 def write_outputs(

@@ -90,26 +90,34 @@ class LayerQuantizer:
             self.record.balance[g.prev_name] = {"max_scale": s.max().item(), "min_scale": s.min().item()}
 
     def _awq(self, run: RunLayer) -> None:
+        """Scales for every group first, then clipping (AutoAWQ's order): a linear in two groups (up_proj feeds
+        down_proj and is fed by the norm) is then clipped, and kept as the report's reference, once balanced."""
         opts = self.config.awq
         groups = self._groups(norm_only=False)
         samplers = {g.linears[0]: awq.InputSampler(opts.max_tokens) for g in groups}
         self._run_observing_group_inputs(groups, lambda n, x: samplers[n].add(x), run)
+        scales = {}
         for g in groups:
             sampler = samplers[g.linears[0]]
-            x = sampler.sample(opts.max_tokens)
             weights = [linear_of(self.layer, n).weight for n in g.linears]
-            s, err, plain = awq.search_scale(weights, x, sampler.mean_abs(), self.wargs, opts)
+            s, err, plain = awq.search_scale(
+                weights, sampler.sample(opts.max_tokens), sampler.mean_abs(), self.wargs, opts
+            )
             apply_balance(self.layer, g, s)
+            scales[g.prev_name] = s
             self.record.balance[g.prev_name] = {"error": err, "error_unscaled": plain}
-            if not opts.clip:
-                continue
-            xs = (sampler.sample(opts.clip_tokens) / s).to(x.dtype)
-            for n in g.linears:
-                if n.endswith(("q_proj", "k_proj")):
-                    continue  # their error is squashed by the softmax; clipping them tends to hurt
-                lin = linear_of(self.layer, n)
-                self.reference[f"{self.prefix}.{n}"] = lin.weight.detach().clone()
-                lin.weight.copy_(awq.search_clip(lin.weight, xs, self.wargs, opts).to(lin.weight.dtype))
+        if opts.clip:
+            for g in groups:
+                self._awq_clip(g, samplers[g.linears[0]].sample(opts.clip_tokens) / scales[g.prev_name])
+
+    def _awq_clip(self, group: BalanceGroup, x: torch.Tensor) -> None:
+        """Clip the group's linears on their (scaled) inputs x, keeping the unclipped weights as the reference."""
+        for n in group.linears:
+            if n.endswith(("q_proj", "k_proj")):
+                continue  # their error is squashed by the softmax; clipping them tends to hurt
+            lin = linear_of(self.layer, n)
+            self.reference[f"{self.prefix}.{n}"] = lin.weight.detach().clone()
+            lin.weight.copy_(awq.search_clip(lin.weight, x, self.wargs, self.config.awq).to(lin.weight.dtype))
 
     def _collect_stats(self, run: RunLayer) -> None:
         device = next(self.layer.parameters()).device

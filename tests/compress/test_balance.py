@@ -1,12 +1,17 @@
 """SmoothQuant and AWQ: scales move between activations and weights without changing the function."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from slimserve.compress.args import QuantArgs
-from slimserve.compress.configs import AWQOptions
+from slimserve.compress.calibration import capture_inputs, run_layer
+from slimserve.compress.configs import AWQOptions, preset
+from slimserve.compress.layer import LayerQuantizer
 from slimserve.compress.quant import awq, qdq
 from slimserve.compress.quant.smoothquant import smooth_scales
+from slimserve.compress.report import CompressionReport, LayerRecord
 from slimserve.compress.structure import apply_balance, balance_groups
 
 from .conftest import samples, tiny_model
@@ -68,3 +73,22 @@ def test_awq_weight_mean_is_relative_to_each_group():
     args = QuantArgs(4, "int", True, "group", 2)
     expected = torch.tensor([[0.5, 1.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.5]]).mean(0)
     assert torch.allclose(awq.weight_mean(w, args), expected, atol=1e-5)
+
+
+def test_awq_reference_is_the_balanced_weight_before_clipping():
+    """up_proj is scaled by two groups (as a consumer of the norm and as the producer for down_proj): its clipped
+    weight must equal the report's reference wherever it was not clipped, so the recorded errors mean something."""
+    model = tiny_model("llama", num_key_value_heads=4)  # the v -> o group too: v_proj is in two groups as well
+    config = preset("W4A16_ASYM", method="awq", group_size=32)
+    layers = model.model.layers
+    hidden, kwargs = capture_inputs(model, layers, samples(4, 48), torch.device("cpu"))
+    report = CompressionReport(scheme={}, device="cpu")
+    quantizer = LayerQuantizer(layers[0], "model.layers.0", config, LayerRecord(0, 0.0, 0.0), report)
+    with torch.no_grad():
+        quantizer._awq(partial(run_layer, layers[0], hidden, kwargs[0]))
+    assert {"model.layers.0.mlp.up_proj", "model.layers.0.self_attn.v_proj"} <= set(quantizer.reference)
+    for name, ref in quantizer.reference.items():
+        w = layers[0].get_submodule(name.removeprefix("model.layers.0.")).weight
+        kept = w == ref
+        assert kept.float().mean() > 0.5, name  # most weights lie inside their group's clipped range
+        assert (w.abs() <= ref.abs() + 1e-6).all(), name  # the rest only moved towards zero, to the clip bound
