@@ -174,8 +174,7 @@ def main() -> None:
         for label, config, calib, tune in variants[first : first + args.chunk]:
             model = copy.deepcopy(reference)
             start = time.perf_counter()
-            report = quantize_(model, config, calibration.get(calib) if config.needs_calibration else None,
-                               device=device, progress=False)  # fmt: skip
+            report = quantize_(model, config, calibration.get(calib), device=device, progress=False)
             if tune:
                 samples = calibration[calib].samples
                 tune_after_rounding(reference, model, samples, args.tune_steps, report, device=device)

@@ -47,6 +47,15 @@ def check_layer_indices(layers: Any, what: str) -> list[int]:
     return sorted(set(layers))
 
 
+def check_layers_exist(
+    layers: list[int], num_layers: int, where: str, error: type[SlimserveError] = SlimserveError
+) -> None:
+    """One clear line naming the indices past the model's last decoder layer."""
+    beyond = [i for i in layers if i >= num_layers]
+    if beyond:
+        raise error(f"{where}: no layer {', '.join(map(str, beyond))}; the model's layers are 0-{num_layers - 1}")
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
     if isinstance(dtype, torch.dtype):

@@ -18,6 +18,7 @@ from slimserve.compress.quant import kv_sensitivity
 from slimserve.compress.report import CompressionReport, LayerRecord, peak_memory_mb
 from slimserve.compress.rotation import rotate_model
 from slimserve.compress.structure import decoder_layers, target_linears
+from slimserve.config import check_layers_exist
 
 
 @dataclass
@@ -105,11 +106,7 @@ def _resolve_kv_skip(
             model.to(home)
         skip = kv_sensitivity.most_sensitive(report.kv_cache_layer_kl, kv_config.auto_skip)
         kv_config = replace(kv_config, skip_layers=tuple(skip), auto_skip=0)
-    beyond = [i for i in kv_config.skip_layers if i >= num_layers]
-    if beyond:
-        raise QuantConfigError(
-            f"KV-cache skip layers: no layer {', '.join(map(str, beyond))}; the model's layers are 0-{num_layers - 1}"
-        )
+    check_layers_exist(list(kv_config.skip_layers), num_layers, "KV-cache skip layers", QuantConfigError)
     report.kv_cache_skip_layers = list(kv_config.skip_layers)
     return replace(config, kv_cache=kv_config)
 

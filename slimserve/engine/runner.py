@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from slimserve.checkpoint.hf_folder import iter_safetensors
-from slimserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, check_layer_indices
+from slimserve.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig, check_layer_indices, check_layers_exist
 from slimserve.distributed.state import ParallelState
 from slimserve.engine.scheduler import ScheduledBatch
 from slimserve.errors import CheckpointError, SlimserveError
@@ -75,10 +75,7 @@ def kv_cache_skip_layers(config: EngineConfig, model_config: ModelConfig) -> lis
         where, error = "config.json quantization_config.kv_cache_skip_layers", CheckpointError
         stored = (model_config.raw.get("quantization_config") or {}).get("kv_cache_skip_layers") or []
         layers = check_layer_indices(stored, where)
-    num_layers = model_config.num_hidden_layers
-    beyond = [i for i in layers if i >= num_layers]
-    if beyond:
-        raise error(f"{where}: no layer {', '.join(map(str, beyond))}; the model's layers are 0-{num_layers - 1}")
+    check_layers_exist(layers, model_config.num_hidden_layers, where, error)
     return list(layers)
 
 
