@@ -7,12 +7,13 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+tune][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor];
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+tune][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor[-skipS]];
 calibration is generic or self (default generic when the variant needs data); +rot folds randomized Hadamard
 rotations into the weights first and +mse searches each group's clipping range (the "mse" observer) instead of
 taking its min/max; +tune distils the scales on the reference's logits after rounding (--tune-steps steps over the
 calibration text); +kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same
-data.
+data, with -skipS keeping layers in full precision: S is a count N (the N layers whose rounded cache alone costs the
+most KL, as `slimserve compress --kv-cache-skip-layers auto:N` chooses them) or a list of indices ("0,1,4").
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def parse_variant(text: str, group_size: int | None):
         elif extra == "tune":
             continue
         else:
-            overrides["kv_cache"] = kv_cache_preset(extra.removeprefix("kv-"))
+            kind, _, skip = extra.removeprefix("kv-").partition("-skip")
+            skip = f"auto:{skip}" if skip.isdigit() else skip
+            overrides["kv_cache"] = kv_cache_preset(kind, skip or None)
     config = preset(scheme, **overrides)
     if (config.needs_calibration or tune) and calib is None:
         calib = "generic"

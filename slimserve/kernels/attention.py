@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from slimserve.kernels.attention_ref import paged_attention_ref
+from slimserve.kernels.common import pdl_enabled
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 
 if HAS_TRITON:
@@ -23,6 +24,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from slimserve.kernels.common import dot as _dot
+    from slimserve.kernels.common import wait_for_previous
 
     @triton.jit
     def _attend(
@@ -188,11 +190,13 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         KV_QUANT: tl.constexpr,
         F16_DOT: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         num_splits = tl.num_programs(2)
+        wait_for_previous(USE_PDL)
         q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
         has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
         seq_len = tl.where(has_query, tl.load(seq_lens_ptr + seq).to(tl.int32), 0)
@@ -259,9 +263,11 @@ if HAS_TRITON:
         CHUNK_S: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        wait_for_previous(USE_PDL)
         q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
         has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
         offs_d = tl.arange(0, BLOCK_D)
@@ -397,20 +403,21 @@ def paged_attention_triton(
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # not touched without SPLIT
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
         qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, **common,
-        F16_DOT=cfg.f16_dot and kv_quant and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        F16_DOT=cfg.f16_dot and kv_quant and q.dtype == torch.bfloat16, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1:
         block_s = triton.next_power_of_2(num_splits)
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_o, part_lse, out, cu_seqlens_q, out.stride(0), out.stride(1), num_splits,
             BLOCK_S=block_s, CHUNK_S=min(block_s, 16), HEAD_DIM=head_dim,
-            BLOCK_D=block_d, num_warps=4,
+            BLOCK_D=block_d, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out
 

@@ -1,6 +1,11 @@
 """Pieces the Triton kernels share."""
 
-from slimserve.kernels.dispatch import HAS_TRITON
+import functools
+import os
+
+import torch
+
+from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED
 
 if HAS_TRITON:
     import triton
@@ -13,3 +18,27 @@ if HAS_TRITON:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def wait_for_previous(USE_PDL: tl.constexpr):
+        """Under programmatic dependent launch: let the next kernel's programs be scheduled, then wait until the
+        kernel before this one has finished and its writes are visible. Every program calls it before it reads
+        anything that kernel wrote and before it writes anything (loads of weights may come first)."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch (Hopper and later): a kernel then
+    starts while the one before it drains, streams its weights, and waits at `wait_for_previous`, which hides
+    most of the gap between the small kernels of a decode step (CUDA graphs keep the overlap). SLIMSERVE_PDL=0
+    turns it off, to time both."""
+    if device.type != "cuda" or INTERPRETED or os.environ.get("SLIMSERVE_PDL", "1") == "0":
+        return False
+    return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9

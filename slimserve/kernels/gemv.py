@@ -3,18 +3,23 @@
 At batch 1 a decoder layer is a chain of kernels too small to reach the memory bandwidth; the RMSNorm
 (with its residual add) and the gated SiLU each cost a launch and a round trip through memory for a few
 kilobytes. Here every program recomputes that prologue for the whole input row (it is tiny and stays in
-L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each. One program
-per (input row, BLOCK_N output features); the block shape is tuned per (N, K) on the GPU.
+L2) and streams BLOCK_N rows of the weight, so q|k|v, gate|up and down are one kernel each (the output
+projection takes the same kernel without a prologue). One program per (input row, BLOCK_N output features);
+the block shape is tuned per (N, K) on the GPU. Under programmatic dependent launch (Hopper) each kernel
+starts loading its weights while the kernel before it drains.
 """
 
 import torch
 
+from slimserve.kernels.common import pdl_enabled
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
-from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref
+from slimserve.kernels.gemv_ref import gemv_ref, norm_gemv_ref, silu_mul_gemv_ref
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from slimserve.kernels.common import wait_for_previous
 
     @triton.jit
     def _load_input(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr):
@@ -43,10 +48,12 @@ if HAS_TRITON:
         stride_out,
         eps,
         NORM: tl.constexpr,
+        SILU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         # Rows vary fastest, so the programs of one weight block run close together.
         row = tl.program_id(0)
@@ -59,6 +66,10 @@ if HAS_TRITON:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        # Each weight tile is loaded one iteration ahead; the first needs nothing from the kernel before this
+        # one, so it is on its way before the wait.
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+        wait_for_previous(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -73,14 +84,17 @@ if HAS_TRITON:
                     if pid_n == 0:
                         tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
                 a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
-            else:  # the gated SiLU of x = cat(gate, up)
+            elif SILU:  # the gated SiLU of x = cat(gate, up)
                 gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
                 up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
                 # torch rounds silu(gate) to the input dtype before the product; so does this.
                 act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
                 a = (act * up).to(dtype).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            else:
+                a = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * a[None, :]
+            ahead = cols + BLOCK_K
+            w = tl.load(w_rows + ahead[None, :], mask=mask_n[:, None] & (ahead < K)[None, :], other=0.0)
         y = tl.sum(acc, axis=1)
         if NORM:
             y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -100,7 +114,7 @@ if HAS_TRITON:
     # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
     _gemv_tuned = triton.autotune(
         _tuning_configs(),
-        key=["N", "K", "NORM", "HAS_RESIDUAL"],
+        key=["N", "K", "NORM", "SILU", "HAS_RESIDUAL"],
         do_bench=lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles),
     )(_gemv_kernel)
 
@@ -113,12 +127,14 @@ def _launch(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
+    silu: bool = False,
     block: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel on rows of x: with the RMSNorm prologue when there is a norm weight, else with the gated
-    SiLU of x = cat(gate, up). `block` = (BLOCK_N, BLOCK_K) bypasses tuning (tests)."""
+    """Run the kernel on rows of x: with the RMSNorm prologue when there is a norm weight, with the gated
+    SiLU of x = cat(gate, up) when `silu`, else on x itself. `block` = (BLOCK_N, BLOCK_K) bypasses tuning
+    (tests)."""
     n, k = weight.shape
-    in_features = x.shape[-1] if norm_weight is not None else x.shape[-1] // 2
+    in_features = x.shape[-1] // 2 if silu else x.shape[-1]
     if k != in_features:
         raise ValueError(f"weight has {k} input features, the input {in_features}")
     x2 = x.reshape(-1, x.shape[-1])
@@ -153,10 +169,14 @@ def _launch(
         out.stride(0),
         eps,
     )
+    pdl = pdl_enabled(x.device)
     flags = dict(
         NORM=norm_weight is not None,
+        SILU=silu,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
     if block is None:
         grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -195,6 +215,13 @@ def silu_mul_gemv_triton(
     block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same contract as silu_mul_gemv_ref."""
+    return _launch(x, weight, bias, silu=True, block=block)[0]
+
+
+def gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Same contract as gemv_ref."""
     return _launch(x, weight, bias, block=block)[0]
 
 
@@ -215,3 +242,9 @@ def silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if use_triton(x):
         return silu_mul_gemv_triton(x, weight, bias)
     return silu_mul_gemv_ref(x, weight, bias)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        return gemv_triton(x, weight, bias)
+    return gemv_ref(x, weight, bias)

@@ -1,5 +1,6 @@
 """Plain-torch reference of the decode GEMVs that absorb the small kernel before them: RMSNorm (with the
-residual add) before q|k|v and gate|up, and the gated SiLU before down."""
+residual add) before q|k|v and gate|up, and the gated SiLU before down; and of the plain one (the output
+projection)."""
 
 import torch
 import torch.nn.functional as F
@@ -26,3 +27,8 @@ def norm_gemv_ref(
 def silu_mul_gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear(silu(gate) * up) for x = cat(gate, up)."""
     return F.linear(silu_and_mul_ref(x), weight, bias)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x)."""
+    return F.linear(x, weight, bias)

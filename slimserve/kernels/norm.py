@@ -2,12 +2,15 @@
 
 import torch
 
+from slimserve.kernels.common import pdl_enabled
 from slimserve.kernels.dispatch import HAS_TRITON, use_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from slimserve.kernels.common import wait_for_previous
 
     @triton.jit
     def _rms_norm_kernel(
@@ -24,10 +27,13 @@ if HAS_TRITON:
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wait_for_previous(USE_PDL)
         # Every value goes through fp32: the CPU interpreter cannot do arithmetic on bf16.
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
@@ -38,7 +44,6 @@ if HAS_TRITON:
             x = x.to(tl.float32)
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         h = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + offs, (h * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -61,6 +66,7 @@ def rms_norm_triton(
         new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         res_out2 = new_residual.view(-1, n_cols)
     block = triton.next_power_of_2(n_cols)
+    pdl = pdl_enabled(x.device)
     _rms_norm_kernel[(x2.shape[0],)](
         x2,
         res2,
@@ -75,7 +81,9 @@ def rms_norm_triton(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        USE_PDL=pdl,
         num_warps=min(max(block // 256, 1), 16),
+        launch_pdl=pdl,
     )
     return out if residual is None else (out, new_residual)
 

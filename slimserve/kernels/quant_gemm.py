@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimserve.kernels.common import pdl_enabled
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
 
@@ -33,6 +34,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from slimserve.kernels.common import dot as _dot
+    from slimserve.kernels.common import wait_for_previous
 
     @triton.jit
     def _quant_gemm_kernel(
@@ -172,6 +174,7 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr,
         PREFETCH: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """One token (program axis 0) times BLOCK_N output columns over one K slice of input-major words."""
         m = tl.program_id(0)
@@ -195,6 +198,7 @@ if HAS_TRITON:
         z_tile = z_ptr + offs_n[None, :] * stride_zn
         words, s, z = _gemv_tile(w_tile, s_tile, z_tile, k_lo // PER_WORD + rows, end, n_mask, stride_wk, stride_sg,
                                  stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+        wait_for_previous(USE_PDL)  # the first tile of weights is on its way; the activations come next
         for k0 in range(k_lo, k_hi, BLOCK_K):
             word = k0 // PER_WORD + rows
             if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
@@ -359,13 +363,14 @@ def int_gemv_triton(
             counters = torch.zeros(m * n_blocks, dtype=torch.int32, device=x.device)
     zeros = w.zeros if w.zeros is not None else w.scales
     xs = x_scale if x_scale is not None else w.scales
+    pdl = pdl_enabled(x.device)
     _int_gemv_kernel[(m, n_blocks, split)](
         x, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
         tiles_per_split * cfg.block_k, split, FLOAT_2_POW_23_BITS, x.stride(0), *w.qweight.stride(),
         *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
         BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH=cfg.prefetch, USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

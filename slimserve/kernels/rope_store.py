@@ -4,6 +4,7 @@ and k, v into the paged KV cache. In a decode step this replaces six small launc
 
 import torch
 
+from slimserve.kernels.common import pdl_enabled
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.rope_store_ref import rope_and_store_ref
 
@@ -11,6 +12,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from slimserve.kernels.common import wait_for_previous
     from slimserve.kernels.fp8_quant import round_e4m3
 
     @triton.jit
@@ -48,11 +50,13 @@ if HAS_TRITON:
         HAS_NORM: tl.constexpr,
         KV_QUANT: tl.constexpr,
         ON_GRID: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK_HALF)
         mask = offs < HALF
+        wait_for_previous(USE_PDL)
         src = qkv_ptr + t * stride_qkv_t + h * (2 * HALF)
         x1 = tl.load(src + offs, mask=mask, other=0.0)
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
@@ -137,6 +141,7 @@ def rope_and_store_triton(
         return q_out
     has_norm = q_norm_weight is not None
     half = head_dim // 2
+    pdl = pdl_enabled(qkv.device)
     _rope_store_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
         qkv,
         positions,
@@ -160,7 +165,9 @@ def rope_and_store_triton(
         HAS_NORM=has_norm,
         KV_QUANT=kv_quant,
         ON_GRID=INTERPRETED,
+        USE_PDL=pdl,
         num_warps=1,
+        launch_pdl=pdl,
     )
     return q_out
 

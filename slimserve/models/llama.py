@@ -14,7 +14,7 @@ from slimserve.distributed.layers import AttentionHeads, ColumnParallelLinear, R
 from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
-from slimserve.kernels.gemv import norm_gemv, silu_mul_gemv
+from slimserve.kernels.gemv import gemv, norm_gemv, silu_mul_gemv
 from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
@@ -117,8 +117,11 @@ class LlamaAttention(nn.Module):
             k_scale=self.attn.k_scale,
             v_scale=self.attn.v_scale,
         )
-        out = self.attn(q, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.attn(q, meta).reshape(-1, self.q_size)
+        o_proj = self.o_proj
+        if out.shape[0] <= FUSED_GEMV_MAX_ROWS and _streamable(o_proj) and not o_proj.parallel.is_parallel:
+            return gemv(out, o_proj.weight, o_proj.bias)  # chained to its neighbours like the fused GEMVs
+        return o_proj(out)
 
 
 class LlamaMLP(nn.Module):

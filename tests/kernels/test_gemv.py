@@ -1,4 +1,5 @@
-"""The decode GEMVs with a fused prologue, under the interpreter, against the plain-torch references."""
+"""The decode GEMVs (with a fused prologue or without), under the interpreter, against the plain-torch
+references."""
 
 import random
 
@@ -7,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from slimserve.kernels.gemv import norm_gemv_triton, silu_mul_gemv_triton  # noqa: E402
-from slimserve.kernels.gemv_ref import norm_gemv_ref, silu_mul_gemv_ref  # noqa: E402
+from slimserve.kernels.gemv import gemv_triton, norm_gemv_triton, silu_mul_gemv_triton  # noqa: E402
+from slimserve.kernels.gemv_ref import gemv_ref, norm_gemv_ref, silu_mul_gemv_ref  # noqa: E402
 
 # bf16: the interpreter truncates fp32 -> bf16 where the reference rounds, and sums in another order.
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}
@@ -54,6 +55,19 @@ def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, block: tuple[int, i
     bias = torch.randn(n, generator=gen).to(dtype)
     out = silu_mul_gemv_triton(x, weight, bias, block=block)
     torch.testing.assert_close(out, silu_mul_gemv_ref(x, weight, bias), **TOLERANCES[dtype], msg=lambda m: f"{seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_plain_gemv_matches_reference(dtype: torch.dtype, with_bias: bool, block: tuple[int, int]) -> None:
+    gen, seed = make_generator()
+    k, n = 130, 29
+    x = torch.randn(2, k, generator=gen).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    out = gemv_triton(x, weight, bias, block=block)
+    torch.testing.assert_close(out, gemv_ref(x, weight, bias), **TOLERANCES[dtype], msg=lambda m: f"{seed}")
 
 
 def test_tuned_launch_runs_under_the_interpreter() -> None:
