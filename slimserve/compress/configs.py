@@ -37,6 +37,11 @@ class AWQOptions:
     max_shrink: float = 0.5  # smallest clipping ratio tried
     max_tokens: int = 4096  # calibration tokens kept per layer to score the scales
     clip_tokens: int = 512
+    objective: str = "layer"  # scales scored on the decoder layer's output ("layer") or the group's ("linear")
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("layer", "linear"):
+            raise QuantConfigError(f"AWQ objective {self.objective!r}: choose layer or linear")
 
 
 @dataclass

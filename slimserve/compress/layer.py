@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -97,18 +98,48 @@ class LayerQuantizer:
         samplers = {g.linears[0]: awq.InputSampler(opts.max_tokens) for g in groups}
         self._run_observing_group_inputs(groups, lambda n, x: samplers[n].add(x), run)
         scales = {}
+        layer_error = self._layer_output_error(run) if opts.objective == "layer" else None
         for g in groups:
             sampler = samplers[g.linears[0]]
             weights = [linear_of(self.layer, n).weight for n in g.linears]
-            s, err, plain = awq.search_scale(
-                weights, sampler.sample(opts.max_tokens), sampler.mean_abs(), self.wargs, opts
-            )
+            if layer_error is None:
+                error = awq.linear_output_error(weights, sampler.sample(opts.max_tokens))
+            else:
+                error = functools.partial(layer_error, [linear_of(self.layer, n) for n in g.linears])
+            s, err, plain = awq.search_scale(weights, error, sampler.mean_abs(), self.wargs, opts)
             apply_balance(self.layer, g, s)
             scales[g.prev_name] = s
             self.record.balance[g.prev_name] = {"error": err, "error_unscaled": plain}
         if opts.clip:
             for g in groups:
                 self._awq_clip(g, samplers[g.linears[0]].sample(opts.clip_tokens) / scales[g.prev_name])
+
+    def _layer_output_error(self, run: RunLayer) -> Callable[[list[nn.Linear], list[torch.Tensor]], float]:
+        """error(linears, weights): mean squared error of the whole layer's output over the calibration data
+        with `weights` in place of those linears' (AutoAWQ scores attention and MLP scales on their block's
+        output: errors in q/k pass through the softmax, those of gate through the SiLU)."""
+        outputs: list[torch.Tensor] = []
+
+        def capture(mod: nn.Module, inputs: tuple, out: torch.Tensor | tuple) -> None:
+            outputs.append((out[0] if isinstance(out, tuple) else out).float())
+
+        run_with_hooks(run, [self.layer.register_forward_hook(capture)])
+        reference = outputs.copy()
+
+        def error(linears: list[nn.Linear], weights: list[torch.Tensor]) -> float:
+            saved = [lin.weight.detach().clone() for lin in linears]
+            for lin, w in zip(linears, weights):
+                lin.weight.copy_(w.to(lin.weight.dtype))
+            outputs.clear()
+            try:
+                run_with_hooks(run, [self.layer.register_forward_hook(capture)])
+            finally:
+                for lin, w in zip(linears, saved):
+                    lin.weight.copy_(w)
+            total = sum((o - r).pow(2).sum().item() for o, r in zip(outputs, reference))
+            return total / sum(r.numel() for r in reference)
+
+        return error
 
     def _awq_clip(self, group: BalanceGroup, x: torch.Tensor) -> None:
         """Clip the group's linears on their (scaled) inputs x, keeping the unclipped weights as the reference."""

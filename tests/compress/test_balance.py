@@ -57,7 +57,7 @@ def test_awq_scale_and_clip_never_hurt(duo_scaling, symmetric):
     w = torch.randn(32, 64)
     args = QuantArgs(4, "int", symmetric, "group", 32)
     opts = AWQOptions(duo_scaling=duo_scaling)
-    s, err, plain = awq.search_scale([w], x, x.abs().mean(0), args, opts)
+    s, err, plain = awq.search_scale([w], awq.linear_output_error([w], x), x.abs().mean(0), args, opts)
     assert err < plain  # activation outliers this large always leave something to protect
     ref = x @ w.t()
     scaled = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
@@ -92,3 +92,30 @@ def test_awq_reference_is_the_balanced_weight_before_clipping():
         kept = w == ref
         assert kept.float().mean() > 0.5, name  # most weights lie inside their group's clipped range
         assert (w.abs() <= ref.abs() + 1e-6).all(), name  # the rest only moved towards zero, to the clip bound
+
+
+@pytest.mark.parametrize("objective", ["layer", "linear"])
+def test_awq_scales_lower_the_error_they_are_scored_on(objective):
+    """Each group's chosen scales score no worse than none on their objective; the layer objective scores the
+    decoder layer's output (zero for the unrounded weights) and restores the weights after every trial."""
+    model = tiny_model("llama", num_key_value_heads=4)
+    config = preset("W4A16_ASYM", method="awq", group_size=32)
+    config.awq.objective = objective
+    layers = model.model.layers
+    hidden, kwargs = capture_inputs(model, layers, samples(4, 48), torch.device("cpu"))
+    run = partial(run_layer, layers[0], hidden, kwargs[0])
+    report = CompressionReport(scheme={}, device="cpu")
+    record = LayerRecord(0, 0.0, 0.0)
+    quantizer = LayerQuantizer(layers[0], "model.layers.0", config, record, report)
+    with torch.no_grad():
+        if objective == "layer":
+            error = quantizer._layer_output_error(run)
+            o_proj = layers[0].self_attn.o_proj
+            before = o_proj.weight.clone()
+            assert error([o_proj], [o_proj.weight.clone()]) == 0.0
+            assert error([o_proj], [torch.zeros_like(before)]) > 0.0
+            assert torch.equal(o_proj.weight, before)
+        quantizer._awq(run)
+    assert len(record.balance) == 4  # norm -> q/k/v, v -> o, norm -> gate/up, up -> down
+    for scores in record.balance.values():
+        assert scores["error"] <= scores["error_unscaled"]

@@ -4,6 +4,8 @@ group's range where that lowers the output error."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from slimserve.compress.args import QuantArgs
@@ -52,17 +54,32 @@ def weight_mean(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view(rows, cols).mean(0)
 
 
-@torch.no_grad()
-def search_scale(
-    weights: list[torch.Tensor], x: torch.Tensor, x_mean_abs: torch.Tensor, args: QuantArgs, opts: AWQOptions
-) -> tuple[torch.Tensor, float, float]:
-    """The per-input-channel scale s = mean|x|^alpha (alpha on a grid), divided by the weights' relative
-    magnitude^(1 - alpha) with duo scaling, that minimizes the output error of the linears fed by x when their
-    weights W * s are rounded. Returns s, the best error and the error without scaling (s = 1)."""
+def linear_output_error(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[list[torch.Tensor]], float]:
+    """The error measure of a group on its own: mean squared error of the linears' outputs on x."""
     w = torch.cat([t.float() for t in weights])
     ref = x @ w.t()
+    return lambda candidate: (x @ torch.cat(candidate).t() - ref).pow(2).mean().item()
+
+
+@torch.no_grad()
+def search_scale(
+    weights: list[torch.Tensor],
+    error: Callable[[list[torch.Tensor]], float],
+    x_mean_abs: torch.Tensor,
+    args: QuantArgs,
+    opts: AWQOptions,
+) -> tuple[torch.Tensor, float, float]:
+    """The per-input-channel scale s = mean|x|^alpha (alpha on a grid), divided by the weights' relative
+    magnitude^(1 - alpha) with duo scaling, that minimizes `error` (of the group's linears rounded as W * s,
+    then divided by s). Returns s, the best error and the error without scaling (s = 1)."""
+    w = torch.cat([t.float() for t in weights])
+    sizes = [t.shape[0] for t in weights]
+
+    def rounded(s: torch.Tensor) -> list[torch.Tensor]:
+        return list((qdq.fake_quantize_weight(w * s, args, torch.float32) / s).split(sizes))
+
     w_mean = weight_mean(w, args) if opts.duo_scaling else None
-    plain_err = (x @ qdq.fake_quantize_weight(w, args, torch.float32).t() - ref).pow(2).mean().item()
+    plain_err = error(rounded(torch.ones_like(x_mean_abs)))
     best, best_err = torch.ones_like(x_mean_abs), plain_err
     for k in range(opts.grid):
         alpha = k / opts.grid
@@ -71,8 +88,7 @@ def search_scale(
             s = s / (w_mean.pow(1 - alpha) + 1e-4)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        wq = qdq.fake_quantize_weight(w * s, args, torch.float32) / s
-        err = (x @ wq.t() - ref).pow(2).mean().item()
+        err = error(rounded(s))
         if err < best_err:
             best, best_err = s, err
     return best, best_err, plain_err
