@@ -205,10 +205,11 @@ if HAS_TRITON:
                 next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk,
                                                         stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
             # sum_j code_j * x_j and sum_j x_j per word. A code becomes a float without a conversion instruction:
-            # masked in place under the exponent of 2**23, its field reads 2**23 + code * 2**p exactly (p its bit
-            # offset, kept under 20 by shifting the word's high codes down once), and x_j carries the 2**-p.
-            # (`magic`, the bits of 2**23, comes as an argument: it then sits in one register and each mask in its
-            # instruction, one LOP3 per code.)
+            # masked in place at bit offset p (kept under 20 by shifting the word's high codes down once) under
+            # the exponent of 2**(23 - p), whose mantissa step there is 1, its field reads 2**(23 - p) + code
+            # exactly, and one subtraction leaves the code. (`magic`, the bits of 2**23, comes as an argument: it
+            # and the exponents below it then sit in registers and each mask in its instruction, one LOP3 per
+            # code.)
             high = words >> HIGH_SHIFT
             cx = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
             sx = tl.zeros((WORDS,), dtype=tl.float32)
@@ -220,12 +221,12 @@ if HAS_TRITON:
                     xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
                 sx += xj
                 if BITS * j + BITS <= 20:
-                    field = (words & (CODE_MASK << (BITS * j))) | magic
-                    xj = xj * (1.0 / (1 << (BITS * j)))
+                    field = (words & (CODE_MASK << (BITS * j))) | (magic - ((BITS * j) << 23))
+                    offset = 1 << (23 - BITS * j)
                 else:
-                    field = (high & (CODE_MASK << (BITS * j - HIGH_SHIFT))) | magic
-                    xj = xj * (1.0 / (1 << (BITS * j - HIGH_SHIFT)))
-                cx += (field.to(tl.float32, bitcast=True) - 8388608.0) * xj[:, None]
+                    field = (high & (CODE_MASK << (BITS * j - HIGH_SHIFT))) | (magic - ((BITS * j - HIGH_SHIFT) << 23))
+                    offset = 1 << (23 - BITS * j + HIGH_SHIFT)
+                cx += (field.to(tl.float32, bitcast=True) - offset) * xj[:, None]
             if HAS_ZERO:
                 acc += s * (cx - z * sx[:, None])
             else:
