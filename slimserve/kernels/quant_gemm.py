@@ -204,33 +204,39 @@ if HAS_TRITON:
             if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
                 next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk,
                                                         stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
-            # sum_j code_j * x_j and sum_j x_j per word. A code becomes a float without a conversion instruction:
+            # sum_j (code_j - zero) * x_j per word. A code becomes a float without a conversion instruction:
             # masked in place at bit offset p (kept under 20 by shifting the word's high codes down once) under
             # the exponent of 2**(23 - p), whose mantissa step there is 1, its field reads 2**(23 - p) + code
-            # exactly, and one subtraction leaves the code. (`magic`, the bits of 2**23, comes as an argument: it
-            # and the exponents below it then sit in registers and each mask in its instruction, one LOP3 per
-            # code.)
+            # exactly, and one subtraction leaves the code, minus the symmetric grid's zero as well. (`magic`,
+            # the bits of 2**23, comes as an argument: it and the exponents below it then sit in registers and
+            # each mask in its instruction, one LOP3 per code.) Zero points per group and column take
+            # zero * sum_j x_j once per word instead.
             high = words >> HIGH_SHIFT
-            cx = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            sx = tl.zeros((WORDS,), dtype=tl.float32)
             for j in tl.static_range(PER_WORD):
                 k = word * PER_WORD + j
                 if EVEN_K:
                     xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
                 else:
                     xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-                sx += xj
                 if BITS * j + BITS <= 20:
                     field = (words & (CODE_MASK << (BITS * j))) | (magic - ((BITS * j) << 23))
                     offset = 1 << (23 - BITS * j)
                 else:
                     field = (high & (CODE_MASK << (BITS * j - HIGH_SHIFT))) | (magic - ((BITS * j - HIGH_SHIFT) << 23))
                     offset = 1 << (23 - BITS * j + HIGH_SHIFT)
-                cx += (field.to(tl.float32, bitcast=True) - offset) * xj[:, None]
+                if not HAS_ZERO:
+                    offset += 1 << (BITS - 1)
+                term = (field.to(tl.float32, bitcast=True) - offset) * xj[:, None]
+                if j == 0:  # the first term starts the sums (no zeroed registers per tile)
+                    cx = term
+                    sx = xj
+                else:
+                    cx += term
+                    sx += xj
             if HAS_ZERO:
                 acc += s * (cx - z * sx[:, None])
             else:
-                acc += s * (cx - (1 << (BITS - 1)) * sx[:, None])
+                acc += s * cx
             if PREFETCH:
                 words, s, z = next_words, next_s, next_z
             else:
