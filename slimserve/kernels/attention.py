@@ -196,10 +196,11 @@ if HAS_TRITON:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         num_splits = tl.num_programs(2)
-        wait_for_previous(USE_PDL)
+        # The step's inputs (not the previous kernel's output) load before the wait; q and the cache after it.
         q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
         has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
         seq_len = tl.where(has_query, tl.load(seq_lens_ptr + seq).to(tl.int32), 0)
+        wait_for_previous(USE_PDL)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         heads = kv_head * GROUP + offs_g
@@ -267,9 +268,9 @@ if HAS_TRITON:
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
-        wait_for_previous(USE_PDL)
         q_row = tl.load(cu_q_ptr + seq).to(tl.int64)
         has_query = tl.load(cu_q_ptr + seq + 1).to(tl.int64) > q_row
+        wait_for_previous(USE_PDL)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         first = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits

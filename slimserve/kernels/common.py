@@ -23,7 +23,9 @@ if HAS_TRITON:
     def wait_for_previous(USE_PDL: tl.constexpr):
         """Under programmatic dependent launch: let the next kernel's programs be scheduled, then wait until the
         kernel before this one has finished and its writes are visible. Every program calls it before it reads
-        anything that kernel wrote and before it writes anything (loads of weights may come first)."""
+        what earlier kernels of the forward pass wrote and before it writes anything. Weights, and the step's
+        inputs (positions, KV slots, sequence lengths: written before the forward pass's first kernel, which
+        waits for them), may load first."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -39,6 +41,9 @@ def pdl_enabled(device: torch.device) -> bool:
     starts while the one before it drains, streams its weights, and waits at `wait_for_previous`, which hides
     most of the gap between the small kernels of a decode step (CUDA graphs keep the overlap). SLIMSERVE_PDL=0
     turns it off, to time both."""
-    if device.type != "cuda" or INTERPRETED or os.environ.get("SLIMSERVE_PDL", "1") == "0":
+    mode = os.environ.get("SLIMSERVE_PDL", "1")
+    if device.type != "cuda" or INTERPRETED or mode == "0":
+        return False
+    if mode == "graphs" and not torch.cuda.is_current_stream_capturing():
         return False
     return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9

@@ -56,12 +56,17 @@ if HAS_TRITON:
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK_HALF)
         mask = offs < HALF
+        # Slots, positions and the rotary table are the step's inputs, not the previous kernel's output: they
+        # load before the wait.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * stride_cos_sin + offs, mask=mask, other=0.0)
+        sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + offs, mask=mask, other=0.0)
         wait_for_previous(USE_PDL)
         src = qkv_ptr + t * stride_qkv_t + h * (2 * HALF)
         x1 = tl.load(src + offs, mask=mask, other=0.0)
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
         dtype = x1.dtype
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         # Stores into the cache are bounded to nothing for padding tokens (slot -1).
         cache_mask = offs < tl.where(slot >= 0, HALF, 0)
         kv_row = slot * (NUM_KV_HEADS * 2 * HALF)
@@ -79,9 +84,6 @@ if HAS_TRITON:
                 # Round where the reference rounds: normalised value, then its product with the weight.
                 a = ((a * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
                 b = ((b * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-            pos = tl.load(pos_ptr + t).to(tl.int64)
-            cos = tl.load(cos_sin_ptr + pos * stride_cos_sin + offs, mask=mask, other=0.0)
-            sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + offs, mask=mask, other=0.0)
             o1 = (a * cos - b * sin).to(dtype)
             o2 = (b * cos + a * sin).to(dtype)
             if h < NUM_HEADS:
