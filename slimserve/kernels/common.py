@@ -41,9 +41,6 @@ def pdl_enabled(device: torch.device) -> bool:
     starts while the one before it drains, streams its weights, and waits at `wait_for_previous`, which hides
     most of the gap between the small kernels of a decode step (CUDA graphs keep the overlap). SLIMSERVE_PDL=0
     turns it off, to time both."""
-    mode = os.environ.get("SLIMSERVE_PDL", "1")
-    if device.type != "cuda" or INTERPRETED or mode == "0":
-        return False
-    if mode == "graphs" and not torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or INTERPRETED or os.environ.get("SLIMSERVE_PDL", "1") == "0":
         return False
     return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
