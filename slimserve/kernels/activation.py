@@ -3,7 +3,7 @@
 import torch
 
 from slimserve.kernels.activation_ref import silu_and_mul_ref
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -36,9 +36,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, n_cols)
     block = min(triton.next_power_of_2(n_cols), 1024)
     grid = (x2.shape[0], triton.cdiv(n_cols, block))
-    pdl = pdl_enabled(x.device)
     _silu_and_mul_kernel[grid](
-        x2, out2, x2.stride(0), out2.stride(0), n_cols, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl
+        x2, out2, x2.stride(0), out2.stride(0), n_cols, BLOCK=block, num_warps=4, **pdl_options(x.device)
     )
     return out
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from slimserve.kernels.attention_ref import paged_attention_ref
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 
 if HAS_TRITON:
@@ -404,21 +404,21 @@ def paged_attention_triton(
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # not touched without SPLIT
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_options(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_o, part_lse, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
         qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides, num_heads,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, **common,
-        F16_DOT=cfg.f16_dot and kv_quant and q.dtype == torch.bfloat16, USE_PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        F16_DOT=cfg.f16_dot and kv_quant and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     if num_splits > 1:
         block_s = triton.next_power_of_2(num_splits)
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_o, part_lse, out, cu_seqlens_q, out.stride(0), out.stride(1), num_splits,
             BLOCK_S=block_s, CHUNK_S=min(block_s, 16), HEAD_DIM=head_dim,
-            BLOCK_D=block_d, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+            BLOCK_D=block_d, num_warps=4, **pdl,
         )  # fmt: skip
     return out
 

@@ -44,3 +44,10 @@ def pdl_enabled(device: torch.device) -> bool:
     if device.type != "cuda" or INTERPRETED or os.environ.get("SLIMSERVE_PDL", "1") == "0":
         return False
     return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """The launch options of a kernel that calls `wait_for_previous`: its USE_PDL flag and Triton's launch_pdl
+    always agree (a kernel launched early that does not wait would race with the one before it)."""
+    enabled = pdl_enabled(device)
+    return {"USE_PDL": enabled, "launch_pdl": enabled}

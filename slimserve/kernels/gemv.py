@@ -11,7 +11,7 @@ starts loading its weights while the kernel before it drains.
 
 import torch
 
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.gemv_ref import gemv_ref, norm_gemv_ref, silu_mul_gemv_ref
 
@@ -169,14 +169,12 @@ def _launch(
         out.stride(0),
         eps,
     )
-    pdl = pdl_enabled(x.device)
     flags = dict(
         NORM=norm_weight is not None,
         SILU=silu,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
-        USE_PDL=pdl,
-        launch_pdl=pdl,
+        **pdl_options(x.device),
     )
     if block is None:
         grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731

@@ -2,7 +2,7 @@
 
 import torch
 
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, use_triton
 from slimserve.kernels.norm_ref import rms_norm_ref
 
@@ -66,7 +66,6 @@ def rms_norm_triton(
         new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         res_out2 = new_residual.view(-1, n_cols)
     block = triton.next_power_of_2(n_cols)
-    pdl = pdl_enabled(x.device)
     _rms_norm_kernel[(x2.shape[0],)](
         x2,
         res2,
@@ -81,9 +80,8 @@ def rms_norm_triton(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
-        USE_PDL=pdl,
         num_warps=min(max(block // 256, 1), 16),
-        launch_pdl=pdl,
+        **pdl_options(x.device),
     )
     return out if residual is None else (out, new_residual)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
 
@@ -370,14 +370,13 @@ def int_gemv_triton(
             counters = torch.zeros(m * n_blocks, dtype=torch.int32, device=x.device)
     zeros = w.zeros if w.zeros is not None else w.scales
     xs = x_scale if x_scale is not None else w.scales
-    pdl = pdl_enabled(x.device)
     _int_gemv_kernel[(m, n_blocks, split)](
         x, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
         tiles_per_split * cfg.block_k, split, FLOAT_2_POW_23_BITS, x.stride(0), *w.qweight.stride(),
         *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
         BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return out
 

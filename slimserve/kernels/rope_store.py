@@ -4,7 +4,7 @@ and k, v into the paged KV cache. In a decode step this replaces six small launc
 
 import torch
 
-from slimserve.kernels.common import pdl_enabled
+from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
 from slimserve.kernels.rope_store_ref import rope_and_store_ref
 
@@ -143,7 +143,6 @@ def rope_and_store_triton(
         return q_out
     has_norm = q_norm_weight is not None
     half = head_dim // 2
-    pdl = pdl_enabled(qkv.device)
     _rope_store_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
         qkv,
         positions,
@@ -167,9 +166,8 @@ def rope_and_store_triton(
         HAS_NORM=has_norm,
         KV_QUANT=kv_quant,
         ON_GRID=INTERPRETED,
-        USE_PDL=pdl,
         num_warps=1,
-        launch_pdl=pdl,
+        **pdl_options(qkv.device),
     )
     return q_out
 
