@@ -183,8 +183,12 @@ if HAS_TRITON:
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
-        # The word's high codes move down by HIGH_SHIFT: 2 and 4 bits, the top code lands at bits 18 and 16; 8 at 8.
-        HIGH_SHIFT: tl.constexpr = 12 + 4 * (BITS // 8)
+        # Codes become floats without conversion instructions: a code masked in place at mantissa bit p, under
+        # the exponent of 2**(23 - p), reads as 2**(23 - p) + code. Bits FIRST to 22 hold RUN codes at a time (one
+        # shift of the word per run); FIRST keeps 2**(23 - p) within 16 times the codes' range, so once the row's
+        # sum of those powers times x (`bias`) is taken off, the products' rounding costs about 1e-6 of the sum.
+        FIRST: tl.constexpr = 19 - BITS if BITS < 8 else 15
+        RUN: tl.constexpr = (23 - BITS - FIRST) // BITS + 1
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = tl.arange(0, WORDS)
@@ -204,35 +208,33 @@ if HAS_TRITON:
             if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
                 next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk,
                                                         stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
-            # sum_j (code_j - zero) * x_j per word. A code becomes a float without a conversion instruction:
-            # masked in place at bit offset p (kept under 20 by shifting the word's high codes down once) under
-            # the exponent of 2**(23 - p), whose mantissa step there is 1, its field reads 2**(23 - p) + code
-            # exactly, and one subtraction leaves the code, minus the symmetric grid's zero as well. (`magic`,
-            # the bits of 2**23, comes as an argument: it and the exponents below it then sit in registers and
-            # each mask in its instruction, one LOP3 per code.) Zero points per group and column take
-            # zero * sum_j x_j once per word instead.
-            high = words >> HIGH_SHIFT
+            # sum_j (2**(23 - p_j) + code_j) * x_j per word; the row's sum_j (2**(23 - p_j) + zero) * x_j
+            # (`bias`, the symmetric grid's zero included) is subtracted once per word. `magic` (the exponent
+            # bits of 2**8) comes as an argument, so it and the exponents below it sit in registers and each
+            # mask goes in its instruction: one LOP3 and one FFMA per code. Zero points per group and column
+            # take zero * sum_j x_j once per word instead.
             for j in tl.static_range(PER_WORD):
                 k = word * PER_WORD + j
                 if EVEN_K:
                     xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
                 else:
                     xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-                if BITS * j + BITS <= 20:
-                    field = (words & (CODE_MASK << (BITS * j))) | (magic - ((BITS * j) << 23))
-                    offset = 1 << (23 - BITS * j)
-                else:
-                    field = (high & (CODE_MASK << (BITS * j - HIGH_SHIFT))) | (magic - ((BITS * j - HIGH_SHIFT) << 23))
-                    offset = 1 << (23 - BITS * j + HIGH_SHIFT)
+                i = j % RUN  # place in its run; the run's shift is the same expression for each of its codes
+                shift = FIRST - BITS * (j - i)
+                run = words << shift if shift >= 0 else words >> -shift
+                field = (run & (CODE_MASK << (FIRST + BITS * i))) | (magic - ((FIRST - 15 + BITS * i) << 23))
+                power = 1 << (23 - FIRST - BITS * i)
                 if not HAS_ZERO:
-                    offset += 1 << (BITS - 1)
-                term = (field.to(tl.float32, bitcast=True) - offset) * xj[:, None]
+                    power += 1 << (BITS - 1)
                 if j == 0:  # the first term starts the sums (no zeroed registers per tile)
-                    cx = term
+                    cx = field.to(tl.float32, bitcast=True) * xj[:, None]
+                    bias = power * xj
                     sx = xj
                 else:
-                    cx += term
+                    cx += field.to(tl.float32, bitcast=True) * xj[:, None]
+                    bias += power * xj
                     sx += xj
+            cx -= bias[:, None]
             if HAS_ZERO:
                 acc += s * (cx - z * sx[:, None])
             else:
@@ -264,7 +266,7 @@ if HAS_TRITON:
             tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-FLOAT_2_POW_23_BITS = 0x4B000000
+FLOAT_2_POW_8_BITS = 0x43800000
 GEMV_MAX_M = 16  # up to this many tokens the GEMM splits K like a GEMV (the weight bytes bound it)
 # Up to this many tokens, integer weights of these bits take the CUDA-core GEMV rather than the tensor-core kernel
 # (which pads to 16 tokens). H100, results/quant-gemv-2026-11-25*.json: at 4 bits the GEMV wins up to 3 tokens
@@ -372,7 +374,7 @@ def int_gemv_triton(
     xs = x_scale if x_scale is not None else w.scales
     _int_gemv_kernel[(m, n_blocks, split)](
         x, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
-        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_23_BITS, x.stride(0), *w.qweight.stride(),
+        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_8_BITS, x.stride(0), *w.qweight.stride(),
         *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
         BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,

@@ -13,6 +13,8 @@ from slimserve.kernels.quant_gemm_ref import pack_codes, quant_gemm_ref  # noqa:
 from tests.quant.test_layers import SHARDS, K, build  # noqa: E402
 from tests.quant.test_quant_gemm import generator, int_weight, rel_err  # noqa: E402
 
+# Products of codes offset by up to 16 times their range with fp32 activations: the sums keep about 1e-6.
+TOL = 3e-5
 # (M, N, K, group, config): one K tile per group or several groups per tile, a K tail, split K into 1-3 slices.
 CASES = [
     (1, 72, 256, 128, GemvConfig(block_n=32, block_k=64, split_k=3)),
@@ -32,7 +34,7 @@ def test_int_gemv_matches_reference(bits, case):
     x = torch.randn(m, k, generator=gen)
     for layout in (w, w.input_major()):
         out = int_gemv_triton(x, layout, config=config)
-        assert rel_err(out, quant_gemm_ref(x, layout)) < 1e-5, f"seed {seed}"
+        assert rel_err(out, quant_gemm_ref(x, layout)) < TOL, f"seed {seed}"
     assert not layout.counters.any(), "the split-K counters must be left at zero for the next launch"
 
 
@@ -41,7 +43,7 @@ def test_fp8_activations_per_token():
     w = int_weight(40, 256, 4, 64, False, gen).input_major()
     xq, xs = quantize_fp8_ref(torch.randn(3, 256, generator=gen) * 3)
     out = int_gemv_triton(xq, w, xs, torch.float32, GemvConfig(block_n=16, block_k=64, split_k=2))
-    assert rel_err(out, quant_gemm_ref(xq, w, xs, torch.float32)) < 1e-5, f"seed {seed}"
+    assert rel_err(out, quant_gemm_ref(xq, w, xs, torch.float32)) < TOL, f"seed {seed}"
 
 
 def test_routing_by_token_count():
@@ -50,7 +52,7 @@ def test_routing_by_token_count():
     w = int_weight(48, 128, 4, 32, True, gen).input_major()
     for m in (1, 20):
         x = torch.randn(m, 128, generator=gen)
-        assert rel_err(quant_gemm_triton(x, w), quant_gemm_ref(x, w)) < 1e-5, f"seed {seed}, m {m}"
+        assert rel_err(quant_gemm_triton(x, w), quant_gemm_ref(x, w)) < TOL, f"seed {seed}, m {m}"
 
 
 def test_act_order_gptq_layer():
@@ -70,4 +72,4 @@ def test_act_order_gptq_layer():
     x = torch.randn(2, k)
     out = int_gemv_triton(x[:, layer.perm], layer.qweight, config=GemvConfig(block_n=16, block_k=64, split_k=2))
     want = x @ torch.cat(dense).t()
-    assert rel_err(out, want) < 1e-5
+    assert rel_err(out, want) < TOL
