@@ -68,6 +68,29 @@ def test_awq_scale_and_clip_never_hurt(duo_scaling, symmetric):
     assert ((x @ clip_q.t() - ref) ** 2).mean() <= ((x @ plain_q.t() - ref) ** 2).mean()
 
 
+def test_awq_clip_bound_is_symmetric_on_an_asymmetric_grid():
+    """Each group is clamped to +-r * max|w| (AutoAWQ's bound) on an asymmetric grid too: the weights past the
+    bound move to it, and the side of a group that stays inside the bound keeps every weight, its extreme too."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    w = torch.where(w < 0, 3 * w, w)  # every group reaches much further below zero than above
+    x = torch.randn(256, 128) * (torch.rand(128) * 4)
+    args = QuantArgs(4, "int", False, "group", 32)
+    opts = AWQOptions()
+    clipped = awq.search_clip(w, x, args, opts)
+    wg, cg = w.view(64, 4, 32), clipped.view(64, 4, 32)
+    bound = cg.abs().amax(-1, keepdim=True)
+    assert torch.equal(clipped, torch.maximum(torch.minimum(wg, bound), -bound).view(64, 128))
+    ratio = (bound / wg.abs().amax(-1, keepdim=True)).flatten()
+    grid = torch.tensor([1 - k * (1 - opts.max_shrink) / (opts.clip_grid - 1) for k in range(opts.clip_grid)])
+    assert torch.allclose((ratio[:, None] - grid).abs().amin(1), torch.zeros(ratio.numel()), atol=1e-5)
+    narrow = (ratio < 1) & (wg.amax(-1).flatten() < bound.flatten())
+    assert narrow.sum() > 10  # clipped groups whose upper side lies inside the bound
+    assert torch.equal(cg.amax(-1).flatten()[narrow], wg.amax(-1).flatten()[narrow])
+    plain = ((x @ (qdq.fake_quantize_weight(w, args, torch.float32) - w).t()) ** 2).mean()
+    assert ((x @ (qdq.fake_quantize_weight(clipped, args, torch.float32) - w).t()) ** 2).mean() < plain
+
+
 def test_awq_weight_mean_is_relative_to_each_group():
     w = torch.tensor([[1.0, -2.0, 4.0, 8.0], [0.0, 1.0, -1.0, 0.5]])
     args = QuantArgs(4, "int", True, "group", 2)

@@ -96,23 +96,22 @@ def search_scale(
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, opts: AWQOptions) -> torch.Tensor:
-    """w with each group's range shrunk by the ratio (1 down to max_shrink) that minimizes that group's
-    output error on the sample x."""
+    """w with each group clamped to +-r * max|w| (r from 1 down to max_shrink), r being the ratio that minimizes
+    that group's output error on the sample x. The bound is symmetric on either grid, as AutoAWQ clips: on an
+    asymmetric grid only the side of a group that reaches past r * max|w| moves, and the narrow side keeps its
+    weights (shrinking both ends by r would clip weights that cost the grid no range)."""
     w = w.float()
     rows, cols = w.shape
     gs = args.group_size if args.strategy == "group" else cols
     wg = w.view(rows, cols // gs, gs)
     xg = x.float().view(x.shape[0], cols // gs, gs)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    if args.symmetric:
-        hi = torch.maximum(-lo, hi)
-        lo = -hi
+    bound = wg.abs().amax(-1, keepdim=True)
     best_ratio = torch.ones(rows, cols // gs, 1, device=w.device)
     best_err = torch.full((rows, cols // gs, 1), float("inf"), device=w.device)
     chunk = max(1, (1 << 26) // max(1, x.shape[0] * (cols // gs)))  # bounds the (tokens, rows, groups) error
     for step in range(opts.clip_grid):
         r = 1 - step * (1 - opts.max_shrink) / max(1, opts.clip_grid - 1)
-        clipped = torch.maximum(torch.minimum(wg, hi * r), lo * r).view(rows, cols)
+        clipped = torch.maximum(torch.minimum(wg, bound * r), -bound * r).view(rows, cols)
         delta = (qdq.fake_quantize_weight(clipped, args, torch.float32) - w).view(rows, cols // gs, gs)
         err = torch.cat(
             [torch.einsum("ogk,ngk->nog", delta[i : i + chunk], xg).pow(2).mean(0) for i in range(0, rows, chunk)]
@@ -120,4 +119,4 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, opts: AWQOpti
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
-    return torch.maximum(torch.minimum(wg, hi * best_ratio), lo * best_ratio).view(rows, cols)
+    return torch.maximum(torch.minimum(wg, bound * best_ratio), -bound * best_ratio).view(rows, cols)
