@@ -103,6 +103,7 @@ def test_awq_reference_is_the_balanced_weight_before_clipping():
     weight must equal the report's reference wherever it was not clipped, so the recorded errors mean something."""
     model = tiny_model("llama", num_key_value_heads=4)  # the v -> o group too: v_proj is in two groups as well
     config = preset("W4A16_ASYM", method="awq", group_size=32)
+    config.awq.clip = True
     layers = model.model.layers
     hidden, kwargs = capture_inputs(model, layers, samples(4, 48), torch.device("cpu"))
     report = CompressionReport(scheme={}, device="cpu")
