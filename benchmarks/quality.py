@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument(
         "--awq-tokens", type=int, help="calibration tokens AWQ scores its scale search on (default: AWQOptions')"
     )
+    p.add_argument(
+        "--awq-objective", choices=["layer", "linear"], help="what AWQ scores its scales on (default: AWQOptions')"
+    )
     p.add_argument("--tune-steps", type=int, default=200, help="scale-tuning steps of the +tune variants")
     p.add_argument(
         "--off-grid",
@@ -143,6 +146,8 @@ def main() -> None:
     for _, config, _, _ in variants:
         if args.awq_tokens:
             config.awq.max_tokens = args.awq_tokens
+        if args.awq_objective:
+            config.awq.objective = args.awq_objective
 
     calibration: dict[str, Calibration] = {}
     timings: dict[str, float] = {}
