@@ -7,10 +7,11 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+tune][+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor[-skipS]];
-calibration is generic or self (default generic when the variant needs data); +rot folds randomized Hadamard
-rotations into the weights first and +mse searches each group's clipping range (the "mse" observer) instead of
-taking its min/max; +tune distils the scales on the reference's logits after rounding (--tune-steps steps over the
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+clip][+tune]
+[+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor[-skipS]]; calibration is generic or self (default generic when
+the variant needs data); +rot folds randomized Hadamard rotations into the weights first and +mse searches each
+group's clipping range (the "mse" observer) instead of taking its min/max; +clip turns on AWQ's clipping search
+(off by default); +tune distils the scales on the reference's logits after rounding (--tune-steps steps over the
 calibration text); +kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same
 data, with -skipS keeping layers in full precision: S is a count N (the N layers whose rounded cache alone costs the
 most KL, as `slimserve compress --kv-cache-skip-layers auto:N` chooses them) or a list of indices ("0,1,4").
@@ -84,13 +85,14 @@ def parse_variant(text: str, group_size: int | None):
             overrides["rotation"] = RotationConfig()
         elif extra == "mse":
             overrides["observer"] = "mse"
-        elif extra == "tune":
+        elif extra in ("tune", "clip"):
             continue
         else:
             kind, _, skip = extra.removeprefix("kv-").partition("-skip")
             skip = f"auto:{skip}" if skip.isdigit() else skip
             overrides["kv_cache"] = kv_cache_preset(kind, skip or None)
     config = preset(scheme, **overrides)
+    config.awq.clip = config.awq.clip or "clip" in extras
     if (config.needs_calibration or tune) and calib is None:
         calib = "generic"
     return config, calib, tune
