@@ -35,6 +35,7 @@ import torch
 from slimserve.compress import Calibration, preset, quantize_
 from slimserve.compress.configs import kv_cache_preset
 from slimserve.compress.corpus import generic_samples
+from slimserve.compress.errors import QuantConfigError
 from slimserve.compress.loading import load_causal_lm
 from slimserve.compress.modules import dequantized_once
 from slimserve.compress.rotation import RotationConfig
@@ -92,7 +93,10 @@ def parse_variant(text: str, group_size: int | None):
             skip = f"auto:{skip}" if skip.isdigit() else skip
             overrides["kv_cache"] = kv_cache_preset(kind, skip or None)
     config = preset(scheme, **overrides)
-    config.awq.clip = config.awq.clip or "clip" in extras
+    if "clip" in extras:
+        if config.method != "awq":
+            raise QuantConfigError(f"{text}: +clip is AWQ's clipping search; the method is {config.method}")
+        config.awq.clip = True
     if (config.needs_calibration or tune) and calib is None:
         calib = "generic"
     return config, calib, tune
@@ -144,7 +148,10 @@ def main() -> None:
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
         texts[text_name] = windows(ids, args.context, args.max_windows)
     text_name, wins = next(iter(texts.items()))
-    variants = [(v, *parse_variant(v, args.group_size)) for v in args.variants]
+    try:
+        variants = [(v, *parse_variant(v, args.group_size)) for v in args.variants]
+    except QuantConfigError as e:
+        p.error(str(e))
     for _, config, _, _ in variants:
         if args.awq_tokens:
             config.awq.max_tokens = args.awq_tokens
