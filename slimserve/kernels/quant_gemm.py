@@ -174,6 +174,7 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr,
         PREFETCH: tl.constexpr,
+        X_PACKED: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """One token (program axis 0) times BLOCK_N output columns over one K slice of input-major words."""
@@ -185,9 +186,11 @@ if HAS_TRITON:
         CODE_MASK: tl.constexpr = (1 << BITS) - 1
         # Codes become floats without conversion instructions: a code masked in place at mantissa bit p, under
         # the exponent of 2**(23 - p), reads as 2**(23 - p) + code. Bits FIRST to 22 hold RUN codes at a time (one
-        # shift of the word per run); FIRST keeps 2**(23 - p) within 16 times the codes' range, so once the row's
-        # sum of those powers times x (`bias`) is taken off, the products' rounding costs about 1e-6 of the sum.
-        FIRST: tl.constexpr = 19 - BITS if BITS < 8 else 15
+        # shift of the word per run). Once the row's sum of those powers times x (`bias`) is taken off, the
+        # products' rounding costs about 2**(-1 - FIRST) of a code step each: bits 11-22 take three 4-bit or six
+        # 2-bit codes per shift for about 3e-5 (4-bit) and 1.5e-4 (2-bit) of the sum, below the bf16 output's
+        # rounding; 8-bit codes take one per shift from bit 15 either way (about 1e-6).
+        FIRST: tl.constexpr = 11 if BITS < 8 else 15
         RUN: tl.constexpr = (23 - BITS - FIRST) // BITS + 1
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -215,7 +218,18 @@ if HAS_TRITON:
             # take zero * sum_j x_j once per word instead.
             for j in tl.static_range(PER_WORD):
                 k = word * PER_WORD + j
-                if EVEN_K:
+                if X_PACKED:  # bf16 activations four to a 64-bit load; each widened by one shift or mask
+                    if j % 4 == 0:
+                        quad_index = k // 4
+                        if EVEN_K:
+                            quad = tl.load(x_ptr + m * stride_xm + quad_index)
+                        else:
+                            quad = tl.load(x_ptr + m * stride_xm + quad_index, mask=quad_index < K // 4, other=0)
+                        pair = quad.to(tl.int32)
+                    if j % 4 == 2:
+                        pair = (quad >> 32).to(tl.int32)
+                    xj = (pair << 16 if j % 2 == 0 else pair & -65536).to(tl.float32, bitcast=True)
+                elif EVEN_K:
                     xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
                 else:
                     xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
@@ -372,13 +386,16 @@ def int_gemv_triton(
             counters = torch.zeros(m * n_blocks, dtype=torch.int32, device=x.device)
     zeros = w.zeros if w.zeros is not None else w.scales
     xs = x_scale if x_scale is not None else w.scales
+    # bf16 rows read as 64-bit words (a quarter of the load instructions) when their layout allows.
+    packed = x.dtype == torch.bfloat16 and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
+    x_arg, stride_xm = (x.view(torch.int64), x.stride(0) // 4) if packed else (x, x.stride(0))
     _int_gemv_kernel[(m, n_blocks, split)](
-        x, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
-        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_8_BITS, x.stride(0), *w.qweight.stride(),
+        x_arg, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
+        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_8_BITS, stride_xm, *w.qweight.stride(),
         *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
         BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
+        PREFETCH=cfg.prefetch, X_PACKED=packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return out
 

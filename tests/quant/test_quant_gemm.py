@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from slimserve.kernels.fp8_quant import quantize_fp8_triton  # noqa: E402
 from slimserve.kernels.fp8_quant_ref import quantize_fp8_ref  # noqa: E402
-from slimserve.kernels.quant_gemm import quant_gemm_triton  # noqa: E402
+from slimserve.kernels.quant_gemm import FMA_GEMV_MAX_M, quant_gemm_triton  # noqa: E402
 from slimserve.kernels.quant_gemm_ref import QuantWeight, pack_codes, quant_gemm_ref, unpack_codes  # noqa: E402
 
 
@@ -54,7 +54,9 @@ def test_a16_matches_reference(bits, group, zeros):
         w = int_weight(n, k, bits, group, zeros, gen)
         x = torch.randn(m, k, generator=gen)
         err = rel_err(quant_gemm_triton(x, w), quant_gemm_ref(x, w))
-        assert err < 1e-5, f"seed {seed}, shape {(m, n, k)}: {err}"
+        # A few rows take the CUDA-core GEMV, whose 2- and 4-bit codes keep about 1e-4 (test_int_gemv.py).
+        tol = 5e-4 if m <= FMA_GEMV_MAX_M[bits] else 1e-5
+        assert err < tol, f"seed {seed}, shape {(m, n, k)}: {err}"
 
 
 def test_a16_channel_scales_odd_k_and_forced_split():
