@@ -395,7 +395,8 @@ def int_gemv_triton(
         *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
         BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, X_PACKED=packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
+        PREFETCH=cfg.prefetch, X_PACKED=packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_options(x.device),
     )  # fmt: skip
     return out
 
