@@ -3,10 +3,11 @@
   * kernel checks: every quantized GEMM path (W4A16, W8A16, W2A16, W4A8, block FP8, FP8 activation quantization)
     and paged attention over an FP8 KV cache against the plain-torch references, at real shapes;
   * GEMV timings at the 8B shape's projections (batch 1): each format vs the bf16 cuBLAS GEMV, in GB/s;
-  * batch-1 decode (128-token prompt, 256 greedy tokens) for bf16, W8A16, W4A16, W3A16, W2A16, FP8 and W4A8 on the
-    Llama-3.2-1B and an 8B-class (Llama-3.1-8B) shape: tok/s, ratio to bf16, and the fraction of the HBM
-    roofline of the bytes each step actually reads (quantized weights, scales, zero points, the bf16 LM head
-    and the KV cache of the context) at 3.0 TB/s;
+  * batch-1 decode (128-token prompt, 256 greedy tokens) for bf16, W8A16, W4A16, W3A16, W2A16, FP8 and W4A8 (and
+    W4A16/W8A16 with the output head quantized too, `+lm_head`) on the Llama-3.2-1B and an 8B-class
+    (Llama-3.1-8B) shape: tok/s, ratio to bf16, and the fraction of the HBM roofline of the bytes each step
+    actually reads (quantized weights, scales, zero points, the LM head and the KV cache of the context) at
+    3.0 TB/s;
   * prefill throughput of a 4096-token prompt (8B shape), each scheme vs bf16;
   * offline throughput (256 requests, input and output lengths uniform in 100-1024), each scheme and shape;
   * FP8 KV cache (8B shape, bf16 weights): KV-cache tokens that fit in the same memory, and decode speed
@@ -49,22 +50,25 @@ from engine import SHAPES, make_requests, slimserve_throughput, sync_time  # noq
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
-SCHEMES = ["bf16", "W8A16", "W4A16", "W3A16", "W2A16", "FP8", "W4A8"]
+SCHEMES = ["bf16", "W8A16", "W4A16", "W3A16", "W2A16", "FP8", "W4A8", "W4A16+lm_head", "W8A16+lm_head"]
+HEAD_SUFFIX = "+lm_head"  # the output head quantized too (its ignore entry dropped)
 # checks: kernels vs references; gemv: batch-1 GEMV timings; decode: batch-1 engine decode per shape and scheme
 # (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline; kv: FP8 cache.
 PARTS = ["checks", "gemv", "decode", "prefill", "throughput", "kv"]
 
 
 def quantization_config(scheme: str) -> dict | None:
-    """config.json's quantization_config as slimserve's compressor writes it (lm_head kept in bf16)."""
+    """config.json's quantization_config as slimserve's compressor writes it (lm_head kept in bf16 unless the scheme
+    ends in +lm_head)."""
     if scheme == "bf16":
         return None
-    config = preset(scheme)
+    config = preset(scheme.removesuffix(HEAD_SUFFIX))
     a = config.input_args()
     group = {"targets": ["Linear"], "weights": config.weight_args().to_dict(),
              "input_activations": None if a is None else a.to_dict(), "format": config.format}  # fmt: skip
     return {"quant_method": "compressed-tensors", "format": config.format, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": ["lm_head"], "kv_cache_scheme": None}  # fmt: skip
+            "config_groups": {"group_0": group}, "kv_cache_scheme": None,
+            "ignore": [] if scheme.endswith(HEAD_SUFFIX) else ["lm_head"]}  # fmt: skip
 
 
 def model_folder(workdir: str, shape: str, scheme: str) -> str:
@@ -75,6 +79,8 @@ def model_folder(workdir: str, shape: str, scheme: str) -> str:
     q = quantization_config(scheme)
     if q is not None:
         cfg["quantization_config"] = q
+    if scheme.endswith(HEAD_SUFFIX):
+        cfg["tie_word_embeddings"] = False  # as the compressor writes a quantized head: untied from the embedding
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     word_level_tokenizer(cfg["vocab_size"]).save_pretrained(folder)
@@ -176,7 +182,7 @@ def step_bytes(llm: LLM, context: int) -> float:
     """Bytes one batch-1 decode step reads: every linear layer's stored tensors, the LM head, the norms and the
     KV cache of `context` tokens."""
     model = llm.engine.runner.model
-    total = model.lm_head.nbytes
+    total = 0 if model.lm_head is None else model.lm_head.nbytes  # a quantized head counts as a linear below
     for module in model.modules():
         if isinstance(module, QuantLinearBase):
             w = module.qweight

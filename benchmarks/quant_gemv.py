@@ -2,8 +2,8 @@
 configuration at the real projection shapes, against bf16 cuBLAS and the HBM limit.
 
 For Llama-3.1-8B and Llama-3.2-1B projections (q|k|v, o, gate|up, down) and 1, 4 and 16 tokens:
-  * every format (W4A16 g128, W4A16 asymmetric g32, W8A16 g128, W4A8 g128) through quant_gemm_triton's own
-    choice against quant_gemm_ref (relative error, and every output element written);
+  * every format (W4A16 g128, W4A16 asymmetric g32, W8A16 g128, W4A8 g128, W2A16 asymmetric g64) through
+    quant_gemm_triton's own choice against quant_gemm_ref (relative error, and every output element written);
   * the swept formats (W4A16 g128 by default): the CUDA-core GEMV (int_gemv_triton) over a grid of tiles,
     warps, prefetching and split-K densities, one token;
   * the other formats and token counts over the best configurations of the first swept format, and the
@@ -43,7 +43,8 @@ PROJECTIONS = {
 }
 # name: (bits, group size, zero points, FP8 activations)
 FORMATS = {"W4A16": (4, 128, False, False), "W4A16-g32-asym": (4, 32, True, False),
-           "W8A16": (8, 128, False, False), "W4A8": (4, 128, False, True)}  # fmt: skip
+           "W8A16": (8, 128, False, False), "W4A8": (4, 128, False, True),
+           "W2A16-g64-asym": (2, 64, True, False)}  # fmt: skip
 TOP = 8  # configurations carried from the first swept format to the other formats and token counts
 
 

@@ -221,11 +221,19 @@ class LlamaForCausalLM(nn.Module):
             for i in range(cfg.num_hidden_layers)
         )  # fmt: skip
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.tie_word_embeddings:
+        # A quantized output head (a checkpoint that quantizes lm_head) replaces the dense one.
+        self.head_linear: nn.Module | None = _quantized(
+            self.quant, self.parallel, ["lm_head"], cfg.hidden_size, [cfg.vocab_size]
+        )
+        self.lm_head: torch.Tensor | None
+        if self.head_linear is not None:
+            if cfg.tie_word_embeddings:
+                raise CheckpointError("lm_head is quantized but tied to the embedding (tie_word_embeddings)")
+            self.lm_head = None
+        elif cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
-        self.head_linear: nn.Module | None = None  # a quantized output head, when one replaces lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
@@ -280,6 +288,10 @@ class LlamaForCausalLM(nn.Module):
         if short == "embed_tokens.weight":
             self.vocab.load(name, self.embed_tokens, tensor)
             return "embed_tokens"
+        if short.startswith("lm_head.") and self.head_linear is not None:
+            param_name = short.removeprefix("lm_head.")
+            self.head_linear.load_shard(name, param_name, tensor)
+            return f"head_linear.{param_name}#0"
         if short == "lm_head.weight":
             if self.config.tie_word_embeddings:
                 return None  # some tied checkpoints still store the head; it equals the embedding

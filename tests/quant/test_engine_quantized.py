@@ -56,6 +56,7 @@ CASES = [
     ("llama", "W4A16", {}, 1e-4),
     ("qwen2", "W4A16_ASYM", {"group_size": 64}, 1e-4),
     ("llama", "W8A16", {}, 1e-4),
+    ("llama", "W4A16", {"ignore": ()}, 1e-4),  # the output head quantized too
     ("llama", "W2A16", {}, 1e-4),
     ("qwen2", "W3A16", {}, 1e-4),
     ("llama", "W3A16", {"symmetric": True, "group_size": 32}, 1e-4),
@@ -68,11 +69,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,scheme,options,atol", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
+@pytest.mark.parametrize(
+    "family,scheme,options,atol", CASES, ids=[f"{c[1]}-{c[0]}{'-head' if 'ignore' in c[2] else ''}" for c in CASES]
+)
 def test_engine_matches_transformers(tmp_path, family, scheme, options, atol):
     folder = compressed_folder(tmp_path, family, scheme, **options)
     llm, ours = engine_greedy(folder)
-    assert any(isinstance(m, QuantLinearBase) for m in llm.engine.runner.model.modules())
+    model = llm.engine.runner.model
+    assert any(isinstance(m, QuantLinearBase) for m in model.modules())
+    assert isinstance(model.head_linear, QuantLinearBase) == ("ignore" in options)
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(ours, transformers_greedy(folder)):
         assert tokens == want_tokens
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)

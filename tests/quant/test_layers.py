@@ -129,6 +129,28 @@ def test_dummy_weights_build(quant):
     assert y.shape == (3, sum(SHARDS)) and torch.isfinite(y).all() and y.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    "quant,head",
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, False),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True}, True),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128}, False),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic"}, False),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group",
+                                                                      "group_size": 128, "symmetric": True}}}}, False),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [],
+          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group",
+                                                                      "group_size": 128, "symmetric": True}}}}, True),
+    ],
+    ids=["gptq", "gptq-lm_head", "awq", "fp8", "ct-ignored", "ct-targeted"],
+)  # fmt: skip
+def test_which_checkpoints_quantize_the_output_head(quant, head):
+    config = QuantizationConfig.from_model_config({"quantization_config": quant})
+    assert (config.scheme("lm_head") is not None) == head
+    assert config.scheme("model.layers.0.mlp.down_proj") is not None
+
+
 def test_unsupported_method_is_a_clear_error():
     from slimserve.errors import CheckpointError
 

@@ -128,9 +128,16 @@ class QuantizationConfig:
         ignore = q.get("ignore") or q.get("modules_to_not_convert") or q.get("ignored_layers") or []
         return any(_matches(name, t) and t != "Linear" for t in ignore)
 
+    def _quantizes_head(self) -> bool:
+        """Whether the output head may be quantized: compressed-tensors by its targets and ignore list (as vLLM
+        reads them), GPTQ when its config says `lm_head: true` (GPTQModel); the other formats keep it dense."""
+        if self.method == "compressed-tensors":
+            return True
+        return self.method == "gptq" and bool(self.raw.get("lm_head", False))
+
     def scheme(self, name: str) -> LinearScheme | None:
         """The scheme of the linear layer `name` (Hugging Face naming), None when it stays unquantized."""
-        if name.endswith("lm_head") or self._ignored(name):
+        if (name.endswith("lm_head") and not self._quantizes_head()) or self._ignored(name):
             return None
         if self.method == "online-fp8":
             return LinearScheme("fp8", 8, "float", True, "channel", act=ActScheme("float", True), online=True)
