@@ -16,7 +16,10 @@ The CUDA-core GEMV (int_gemv_triton) takes a few tokens of integer weights (W4A1
 activation scales), where padding to a 16-row dot wastes the tensor cores and unpacking dominates: input-major
 words (loaded 16 bytes per thread along N), each code turned into a float by one mask-or and one subtraction
 (no conversion instruction), scales and zero points applied once per word, split K finished by the last slice
-to arrive (no second kernel), and a launch table measured per shape (GEMV_CONFIGS)."""
+to arrive (no second kernel), and a launch table measured per shape (GEMV_CONFIGS). Its epilogue can carry the
+RMSNorms around it (int_gemv_norm): the output and down projections add the residual and leave h * gain with
+sum(h**2) for the next norm, whose GEMV scales its outputs by 1 / rms, so an integer-weight decoder layer runs no
+norm kernel."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 from slimserve.kernels.common import pdl_options
 from slimserve.kernels.dispatch import HAS_TRITON, INTERPRETED, use_triton
-from slimserve.kernels.quant_gemm_ref import QuantWeight, quant_gemm_ref
+from slimserve.kernels.quant_gemm_ref import NormIn, NormOut, QuantWeight, int_gemv_norm_ref, quant_gemm_ref
 
 if HAS_TRITON:
     import triton
@@ -141,6 +144,26 @@ if HAS_TRITON:
         return words, s, z
 
     @triton.jit
+    def _gemv_epilogue(y, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
+                       normed_ptr, sq_out_ptr, ROW_SCALE: tl.constexpr, RES_NORM: tl.constexpr):  # fmt: skip
+        """Finish BLOCK_N outputs of token m. ROW_SCALE: the input was an RMSNorm's h * gain, unnormalised, so
+        the outputs take its 1 / rms (from the sum of squares the kernel before left in sq_in). RES_NORM: the
+        outputs plus the residual are the new residual stream h (stored), and the next RMSNorm is prepared:
+        h * gain stored to `normed`, sum(h**2) added to sq_out."""
+        out_ty = out_ptr.dtype.element_ty
+        if ROW_SCALE:
+            y = y * tl.rsqrt(tl.load(sq_in_ptr + m) / K + eps)
+        if RES_NORM:
+            # Rounded as the separate kernels round: the projection's output, then the residual sum.
+            res = tl.load(res_ptr + m * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            h = (y.to(out_ty).to(tl.float32) + res).to(out_ty).to(tl.float32)
+            gain = tl.load(gain_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(normed_ptr + m * stride_om + offs_n, (h * gain).to(out_ty), mask=n_mask)
+            tl.atomic_add(sq_out_ptr + m, tl.sum(tl.where(n_mask, h * h, 0.0), axis=0), sem="relaxed")
+            y = h
+        tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ty), mask=n_mask)
+
+    @triton.jit
     def _int_gemv_kernel(
         x_ptr,
         w_ptr,
@@ -150,12 +173,18 @@ if HAS_TRITON:
         part_ptr,
         count_ptr,
         out_ptr,
+        sq_in_ptr,
+        res_ptr,
+        gain_ptr,
+        normed_ptr,
+        sq_out_ptr,
         M,
         N,
         K,
         k_per_split,
         num_splits,
         magic,
+        eps,
         stride_xm,
         stride_wn,
         stride_wk,
@@ -165,6 +194,7 @@ if HAS_TRITON:
         stride_zg,
         stride_xsm,
         stride_om,
+        stride_rm,
         BITS: tl.constexpr,
         HAS_ZERO: tl.constexpr,
         A_SCALE: tl.constexpr,
@@ -175,6 +205,8 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         PREFETCH: tl.constexpr,
         X_PACKED: tl.constexpr,
+        ROW_SCALE: tl.constexpr,
+        RES_NORM: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """One token (program axis 0) times BLOCK_N output columns over one K slice of input-major words."""
@@ -261,7 +293,6 @@ if HAS_TRITON:
         y = tl.sum(acc, axis=0)
         if A_SCALE:
             y = y * tl.load(xs_ptr + m * stride_xsm).to(tl.float32)
-        dst = out_ptr + m * stride_om + offs_n
         if SPLIT:
             # Each slice leaves its partial sums; the last slice of this tile to arrive adds them up in slice
             # order (deterministic) and resets the tile's counter for the next launch.
@@ -274,10 +305,12 @@ if HAS_TRITON:
                 for i in range(num_splits):
                     total += tl.load(part_ptr + (i * M + m) * N + offs_n, mask=n_mask, other=0.0,
                                      cache_modifier=".cg")  # fmt: skip
-                tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                _gemv_epilogue(total, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm,
+                               gain_ptr, normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM)  # fmt: skip
                 tl.atomic_xchg(count_ptr + tile, 0)
         else:
-            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+            _gemv_epilogue(y, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
+                           normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM)  # fmt: skip
 
 
 FLOAT_2_POW_8_BITS = 0x43800000
@@ -365,12 +398,36 @@ def int_gemv_triton(
 ) -> torch.Tensor:
     """quant_gemm_ref's contract for a few tokens of integer weights (int_gemv_supported): a CUDA-core GEMV.
     Input-major weights (QuantWeight.input_major) read best; output-major ones work too."""
+    return _int_gemv(x, w, x_scale, out_dtype, config)[0]
+
+
+def int_gemv_norm_triton(
+    x: torch.Tensor,
+    w: QuantWeight,
+    norm_in: NormIn | None = None,
+    norm_out: NormOut | None = None,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int_gemv_norm_ref's contract: the GEMV with the halves of the RMSNorms around it in its epilogue."""
+    return _int_gemv(x, w, None, None, config, norm_in, norm_out)
+
+
+def _int_gemv(
+    x: torch.Tensor,
+    w: QuantWeight,
+    x_scale: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    config: GemvConfig | None,
+    norm_in: NormIn | None = None,
+    norm_out: NormOut | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     m, k = x.shape
     n = w.out_features
     out_dtype = out_dtype or (torch.bfloat16 if x_scale is not None else x.dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    normed = torch.empty_like(out) if norm_out is not None else None
     if m == 0:
-        return out
+        return out, normed
     assert x.stride(-1) == 1 and k == w.in_features and int_gemv_supported(w, x_scale)
     group = min(w.group_size, k)
     cfg = config or GEMV_CONFIGS.get((w.bits, group, n, k), GemvConfig())
@@ -389,16 +446,21 @@ def int_gemv_triton(
     # bf16 rows read as 64-bit words (a quarter of the load instructions) when their layout allows.
     packed = x.dtype == torch.bfloat16 and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
     x_arg, stride_xm = (x.view(torch.int64), x.stride(0) // 4) if packed else (x, x.stride(0))
+    sq_in = norm_in.sumsq if norm_in is not None else partial  # unread placeholders where a flag is off
+    residual = norm_out.residual if norm_out is not None else out
+    assert residual.stride(-1) == 1
+    gain, sq_out = (norm_out.gain, norm_out.sumsq) if norm_out is not None else (out, partial)
     _int_gemv_kernel[(m, n_blocks, split)](
-        x_arg, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out, m, n, k,
-        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_8_BITS, stride_xm, *w.qweight.stride(),
-        *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
-        BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
+        x_arg, w.qweight, w.scales, zeros, xs, partial, counters if split > 1 else out, out,
+        sq_in, residual, gain, normed if normed is not None else out, sq_out, m, n, k,
+        tiles_per_split * cfg.block_k, split, FLOAT_2_POW_8_BITS, norm_in.eps if norm_in is not None else 0.0,
+        stride_xm, *w.qweight.stride(), *w.scales.stride(), *zeros.stride(), xs.stride(0), out.stride(0),
+        residual.stride(0), BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch, X_PACKED=packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_options(x.device),
+        PREFETCH=cfg.prefetch, X_PACKED=packed, ROW_SCALE=norm_in is not None, RES_NORM=norm_out is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
     )  # fmt: skip
-    return out
+    return out, normed
 
 
 def quant_gemm_triton(
@@ -471,3 +533,12 @@ def quant_gemm(
     if use_triton(x):
         return quant_gemm_triton(x, w, x_scale, out_dtype)
     return quant_gemm_ref(x, w, x_scale, out_dtype)
+
+
+def int_gemv_norm(
+    x: torch.Tensor, w: QuantWeight, norm_in: NormIn | None = None, norm_out: NormOut | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int_gemv_norm_ref's contract: the Triton GEMV on CUDA, the reference elsewhere."""
+    if use_triton(x):
+        return int_gemv_norm_triton(x, w, norm_in, norm_out)
+    return int_gemv_norm_ref(x, w, norm_in, norm_out)

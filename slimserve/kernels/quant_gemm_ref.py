@@ -102,3 +102,38 @@ def quant_gemm_ref(
         group = -(-w.in_features // x_scale.shape[1])
         xf = xf * x_scale.float().repeat_interleave(group, 1)[:, : w.in_features]
     return (xf @ dequantize_ref(w).t()).to(out_dtype)
+
+
+@dataclass
+class NormIn:
+    """A GEMV input that is an RMSNorm's h * gain before its 1 / rms: the outputs take rsqrt(sumsq / K + eps),
+    sumsq [>= M] (fp32) holding each token's sum(h**2)."""
+
+    sumsq: torch.Tensor
+    eps: float
+
+
+@dataclass
+class NormOut:
+    """A GEMV whose outputs plus `residual` form the new residual stream h [M, N], which prepares the next
+    RMSNorm: h * gain (returned beside h) and sum(h**2) added to sumsq [>= M] (fp32)."""
+
+    residual: torch.Tensor
+    gain: torch.Tensor
+    sumsq: torch.Tensor
+
+
+def int_gemv_norm_ref(
+    x: torch.Tensor, w: QuantWeight, norm_in: NormIn | None = None, norm_out: NormOut | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = x @ dequantized(w).T with the halves of RMSNorms around it (NormIn, NormOut): (y, None), or (h, h *
+    gain) with NormOut. A norm then costs no kernel of its own: RMSNorm(h) @ W.T = ((h * gain) @ W.T) / rms(h)."""
+    m, k = x.shape
+    y = quant_gemm_ref(x, w, None, torch.float32)
+    if norm_in is not None:
+        y = y * torch.rsqrt(norm_in.sumsq[:m, None] / k + norm_in.eps)
+    if norm_out is None:
+        return y.to(x.dtype), None
+    h = (y.to(x.dtype) + norm_out.residual).to(x.dtype)
+    norm_out.sumsq[:m] += h.float().square().sum(-1)
+    return h, (h.float() * norm_out.gain.float()).to(x.dtype)

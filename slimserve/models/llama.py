@@ -15,11 +15,14 @@ from slimserve.distributed.state import ParallelState
 from slimserve.errors import CheckpointError
 from slimserve.kernels.activation import silu_and_mul
 from slimserve.kernels.gemv import gemv, norm_gemv, silu_mul_gemv
+from slimserve.kernels.quant_gemm import int_gemv_norm, int_gemv_supported
+from slimserve.kernels.quant_gemm_ref import NormIn, NormOut
 from slimserve.kernels.rope_store import rope_and_store
 from slimserve.layers.attention import AttentionMetadata, PagedAttention
 from slimserve.layers.linear import Linear
 from slimserve.layers.norm import RMSNorm
 from slimserve.layers.quantized import QuantizationConfig, QuantLinearBase, make_quantized_linear
+from slimserve.layers.quantized.int_weight import IntWeightLinear
 from slimserve.layers.rotary import RotaryEmbedding
 
 # Hugging Face projection name -> (our fused module, shard index).
@@ -101,6 +104,14 @@ class LlamaAttention(nn.Module):
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention and the output projection, from the q|k|v projection."""
+        out = self.heads(positions, qkv, meta)
+        o_proj = self.o_proj
+        if out.shape[0] <= FUSED_GEMV_MAX_ROWS and _streamable(o_proj) and not o_proj.parallel.is_parallel:
+            return gemv(out, o_proj.weight, o_proj.bias)  # chained to its neighbours like the fused GEMVs
+        return o_proj(out)
+
+    def heads(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The attention heads' output [tokens, heads * head_dim], from the q|k|v projection."""
         # One fused prologue: q/k norm (Qwen3), rotary, and the new keys/values written into the cache.
         q = rope_and_store(
             qkv,
@@ -117,11 +128,7 @@ class LlamaAttention(nn.Module):
             k_scale=self.attn.k_scale,
             v_scale=self.attn.v_scale,
         )
-        out = self.attn(q, meta).reshape(-1, self.q_size)
-        o_proj = self.o_proj
-        if out.shape[0] <= FUSED_GEMV_MAX_ROWS and _streamable(o_proj) and not o_proj.parallel.is_parallel:
-            return gemv(out, o_proj.weight, o_proj.bias)  # chained to its neighbours like the fused GEMVs
-        return o_proj(out)
+        return self.attn(q, meta).reshape(-1, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -195,6 +202,46 @@ class LlamaDecoderLayer(nn.Module):
         gate_up, residual = norm_gemv(x, gate_up_proj.weight, gate_up_proj.bias, norm2.weight, norm2.eps, residual)
         return silu_mul_gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
+    def chains_norms(self) -> bool:
+        """Whether the layer's four projections are integer GEMVs that can carry the RMSNorms in their epilogues
+        (forward_chained): A16 integer weights without act order, bias (q|k|v aside) or a CPU INT8 kernel."""
+        attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, LlamaMLP):
+            return False
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        return all(
+            isinstance(lin, IntWeightLinear) and lin.scheme.act is None and lin.perm is None
+            and lin.cpu_int8 is None and int_gemv_supported(lin.qweight, None)
+            and (lin.bias is None or lin is attn.qkv_proj)
+            for lin in linears
+        )  # fmt: skip
+
+    def forward_chained(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        norm_in: NormIn | None,
+        meta: AttentionMetadata,
+        sums: torch.Tensor,
+        next_norm: RMSNorm | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, NormIn | None]:
+        """A few rows through integer GEMVs that carry the RMSNorms (chains_norms): x is the input norm's
+        h * gain, finished by the q|k|v GEMV's epilogue with `norm_in` (None: x is already normalised); the
+        output projection adds the residual and prepares the post-attention norm, the down projection the next
+        layer's (`next_norm`; sums [2, rows] fp32 zeros receive the sums of squares). Returns the next layer's
+        (x, residual, norm_in), or after the last layer (down's output, residual, None) for the final norm."""
+        attn, mlp, norm2 = self.self_attn, self.mlp, self.post_attention_layernorm
+        qkv, _ = int_gemv_norm(x, attn.qkv_proj.qweight, norm_in)
+        out = attn.heads(positions, attn.qkv_proj.add_bias(qkv), meta)
+        h, x = int_gemv_norm(out, attn.o_proj.qweight, None, NormOut(residual, norm2.weight, sums[0]))
+        gate_up, _ = int_gemv_norm(x, mlp.gate_up_proj.qweight, NormIn(sums[0], norm2.eps))
+        act = silu_and_mul(gate_up)
+        if next_norm is None:
+            return int_gemv_norm(act, mlp.down_proj.qweight)[0], h, None
+        h, x = int_gemv_norm(act, mlp.down_proj.qweight, None, NormOut(h, next_norm.weight, sums[1]))
+        return x, h, NormIn(sums[1], next_norm.eps)
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
@@ -234,13 +281,38 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = nn.Parameter(torch.empty(rows, cfg.hidden_size), requires_grad=False)
+        self._chains: bool | None = None  # every layer's projections can carry the norms (decided once loaded)
+        self._norm_sums: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         x = self.vocab.embed(input_ids, self.embed_tokens)
+        if x.shape[0] <= FUSED_GEMV_MAX_ROWS and self._chained_layers():
+            return self._forward_chained(positions, x, meta)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def _chained_layers(self) -> bool:
+        if self._chains is None:
+            self._chains = all(layer.chains_norms() for layer in self.layers)
+        return self._chains
+
+    def _forward_chained(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """A few rows of an integer-weight model: each RMSNorm split between the GEMVs around it, so a layer
+        runs no norm kernel (LlamaDecoderLayer.forward_chained); only the first and the final norm run alone."""
+        if self._norm_sums is None or self._norm_sums.device != x.device:
+            # One buffer for the whole forward pass (CUDA graphs replay its address), zeroed once per step.
+            self._norm_sums = torch.empty(len(self.layers), 2, FUSED_GEMV_MAX_ROWS, device=x.device)
+        sums = self._norm_sums
+        sums.zero_()
+        residual, x = x, self.layers[0].input_layernorm(x)
+        norm_in = None
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
+            x, residual, norm_in = layer.forward_chained(positions, x, residual, norm_in, meta, sums[i], next_norm)
         x, _ = self.norm(x, residual)
         return x
 

@@ -83,6 +83,21 @@ def test_engine_matches_transformers(tmp_path, family, scheme, options, atol):
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("family,scheme,options", [("llama", "W4A16", {}), ("qwen2", "W2A16", {"group_size": 32})])
+def test_one_row_decode_carries_the_norms_in_the_gemvs(tmp_path, family, scheme, options):
+    """One sequence at a time, integer-weight layers chain their RMSNorms through the GEMV epilogues (no norm
+    kernel inside the stack): the same greedy tokens and log-probabilities as transformers (q|k|v bias too)."""
+    folder = compressed_folder(tmp_path, family, scheme, **options)
+    llm = LLM(folder, dtype="float32", device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
+    for prompt, (want_tokens, want_logprobs) in zip(PROMPTS, transformers_greedy(folder)):
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == want_tokens
+        logprobs = [e[t] for e, t in zip(out.logprobs, out.token_ids)]
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=1e-4, rtol=0)
+    assert llm.engine.runner.model._chains
+
+
 def rounded_cache_model(folder: str, kv: KVCacheConfig, skip: tuple[int, ...] = ()):
     """transformers with its keys and values rounded as they enter the cache, with the checkpoint's scales
     (the compressor's calibration hook), so its attention reads what a quantized cache holds; the `skip`

@@ -8,8 +8,13 @@ import torch
 pytest.importorskip("triton")
 
 from slimserve.kernels.fp8_quant_ref import quantize_fp8_ref  # noqa: E402
-from slimserve.kernels.quant_gemm import GemvConfig, int_gemv_triton, quant_gemm_triton  # noqa: E402
-from slimserve.kernels.quant_gemm_ref import pack_codes, quant_gemm_ref  # noqa: E402
+from slimserve.kernels.quant_gemm import (  # noqa: E402
+    GemvConfig,
+    int_gemv_norm_triton,
+    int_gemv_triton,
+    quant_gemm_triton,
+)
+from slimserve.kernels.quant_gemm_ref import NormIn, NormOut, int_gemv_norm_ref, pack_codes, quant_gemm_ref  # noqa: E402
 from tests.quant.test_layers import SHARDS, K, build  # noqa: E402
 from tests.quant.test_quant_gemm import generator, int_weight, rel_err  # noqa: E402
 
@@ -85,3 +90,23 @@ def test_bf16_activations_four_to_a_load(bits):
         for rows in (x[:, :k].contiguous(), x[:, :k]):  # the second: a stride of k + 2 takes the plain loads
             out = int_gemv_triton(rows, w, out_dtype=torch.float32, config=config)
             assert rel_err(out, quant_gemm_ref(rows, w, None, torch.float32)) < TOL, f"seed {seed}"
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_norm_halves_in_the_epilogue(case):
+    """NormIn scales the outputs by the 1 / rms of the input's norm; NormOut adds the residual, stores h * gain
+    and accumulates sum(h**2): both against the reference, split K (the last slice finishes) or not."""
+    gen, seed = generator()
+    m, n, k, group, config = CASES[case]
+    w = int_weight(n, k, 4, group, case == 1, gen).input_major()
+    x = torch.randn(m, k, generator=gen)
+    norm_in = NormIn(torch.rand(m + 1, generator=gen) * k, 1e-5)
+    residual, gain = torch.randn(m, n, generator=gen), torch.rand(n, generator=gen) + 0.5
+    start = torch.rand(m + 1, generator=gen)
+    sums = [start.clone(), start.clone()]
+    got = int_gemv_norm_triton(x, w, norm_in, NormOut(residual, gain, sums[0]), config)
+    want = int_gemv_norm_ref(x, w, norm_in, NormOut(residual, gain, sums[1]))
+    for a, b in zip((*got, sums[0]), (*want, sums[1])):
+        assert rel_err(a, b) < TOL, f"seed {seed}"
+    out, normed = int_gemv_norm_triton(x, w, norm_in, None, config)
+    assert normed is None and rel_err(out, int_gemv_norm_ref(x, w, norm_in)[0]) < TOL, f"seed {seed}"
