@@ -343,7 +343,7 @@ class GemvConfig:
 # geometric mean).
 GEMV_CONFIGS: dict[tuple[int, int, int, int], GemvConfig] = {
     (4, 128, 6144, 4096): GemvConfig(block_k=512, num_warps=4, programs_per_sm=4),
-    (4, 128, 4096, 4096): GemvConfig(block_k=512, programs_per_sm=4),
+    (4, 128, 4096, 4096): GemvConfig(block_k=512, num_warps=4, programs_per_sm=4),  # results/gemv-ab-2026-12-07
     (4, 128, 28672, 4096): GemvConfig(num_warps=4, programs_per_sm=4),
     (4, 128, 4096, 14336): GemvConfig(block_k=512, num_warps=4, programs_per_sm=4),
     (4, 128, 3072, 2048): GemvConfig(block_n=16, block_k=512, num_warps=4, programs_per_sm=1),
