@@ -7,14 +7,15 @@ and top-1 agreement. Writes JSON, a markdown table and a size-versus-perplexity 
 
 usage: python benchmarks/quality.py --model ~/.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
            --group-size 64 --variants W8A16:rtn W4A16:rtn W4A16:gptq:generic W4A16:gptq:self ...
-A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+clip][+tune]
+A variant is SCHEME:METHOD[:CALIBRATION][+rot][+mse][+clip][+head][+tune]
 [+kv-fp8|+kv-int8|+kv-fp8-tensor|+kv-int8-tensor[-skipS]]; calibration is generic or self (default generic when
 the variant needs data); +rot folds randomized Hadamard rotations into the weights first and +mse searches each
 group's clipping range (the "mse" observer) instead of taking its min/max; +clip turns on AWQ's clipping search
-(off by default); +tune distils the scales on the reference's logits after rounding (--tune-steps steps over the
-calibration text); +kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same
-data, with -skipS keeping layers in full precision: S is a count N (the N layers whose rounded cache alone costs the
-most KL, as `slimserve compress --kv-cache-skip-layers auto:N` chooses them) or a list of indices ("0,1,4").
+(off by default); +head quantizes the output head too (lm_head, kept in full precision by default); +tune
+distils the scales on the reference's logits after rounding (--tune-steps steps over the calibration text);
++kv-* adds a static KV-cache scheme, scales per KV head (or per tensor), calibrated on the same data, with -skipS
+keeping layers in full precision: S is a count N (the N layers whose rounded cache alone costs the most KL, as
+`slimserve compress --kv-cache-skip-layers auto:N` chooses them) or a list of indices ("0,1,4").
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 import torch
 
 from slimserve.compress import Calibration, preset, quantize_
-from slimserve.compress.configs import kv_cache_preset
+from slimserve.compress.configs import DEFAULT_IGNORE, kv_cache_preset
 from slimserve.compress.corpus import generic_samples
 from slimserve.compress.errors import QuantConfigError
 from slimserve.compress.loading import load_causal_lm
@@ -86,6 +87,8 @@ def parse_variant(text: str, group_size: int | None):
             overrides["rotation"] = RotationConfig()
         elif extra == "mse":
             overrides["observer"] = "mse"
+        elif extra == "head":
+            overrides["ignore"] = tuple(name for name in DEFAULT_IGNORE if name != "lm_head")
         elif extra in ("tune", "clip"):
             continue
         else:
