@@ -4,7 +4,7 @@
     and paged attention over an FP8 KV cache against the plain-torch references, at real shapes;
   * GEMV timings at the 8B shape's projections (batch 1): each format vs the bf16 cuBLAS GEMV, in GB/s;
   * batch-1 decode (128-token prompt, 256 greedy tokens) for bf16, W8A16, W4A16, W3A16, W2A16, FP8 and W4A8 (and
-    W4A16/W8A16 with the output head quantized too, `+lm_head`) on the Llama-3.2-1B and an 8B-class
+    W4A16/W8A16 with the output head quantized too: `+lm_head`, or `+W8A16-head`) on the Llama-3.2-1B and an 8B-class
     (Llama-3.1-8B) shape: tok/s, ratio to bf16, and the fraction of the HBM roofline of the bytes each step
     actually reads (quantized weights, scales, zero points, the LM head and the KV cache of the context) at
     3.0 TB/s;
@@ -50,25 +50,33 @@ from engine import SHAPES, make_requests, slimserve_throughput, sync_time  # noq
 
 HBM_BYTES_PER_S = 3.0e12
 BF16_FLOPS = 790e12
-SCHEMES = ["bf16", "W8A16", "W4A16", "W3A16", "W2A16", "FP8", "W4A8", "W4A16+lm_head", "W8A16+lm_head"]
-HEAD_SUFFIX = "+lm_head"  # the output head quantized too (its ignore entry dropped)
+SCHEMES = ["bf16", "W8A16", "W4A16", "W3A16", "W2A16", "FP8", "W4A8", "W4A16+lm_head", "W4A16+W8A16-head",
+           "W8A16+lm_head"]  # fmt: skip
+# BODY+lm_head: the output head quantized like the body; BODY+HEAD-head: the head in the preset HEAD (a second
+# config group that names lm_head); otherwise the head stays bf16.
 # checks: kernels vs references; gemv: batch-1 GEMV timings; decode: batch-1 engine decode per shape and scheme
 # (always run with prefill/throughput); prefill: 4096-token prefill (8B); throughput: offline; kv: FP8 cache.
 PARTS = ["checks", "gemv", "decode", "prefill", "throughput", "kv"]
 
 
 def quantization_config(scheme: str) -> dict | None:
-    """config.json's quantization_config as slimserve's compressor writes it (lm_head kept in bf16 unless the scheme
-    ends in +lm_head)."""
+    """config.json's quantization_config as slimserve's compressor writes it, for the schemes above."""
     if scheme == "bf16":
         return None
-    config = preset(scheme.removesuffix(HEAD_SUFFIX))
-    a = config.input_args()
-    group = {"targets": ["Linear"], "weights": config.weight_args().to_dict(),
-             "input_activations": None if a is None else a.to_dict(), "format": config.format}  # fmt: skip
-    return {"quant_method": "compressed-tensors", "format": config.format, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "kv_cache_scheme": None,
-            "ignore": [] if scheme.endswith(HEAD_SUFFIX) else ["lm_head"]}  # fmt: skip
+    body, _, head = scheme.partition("+")
+
+    def group(name: str, targets: list[str]) -> dict:
+        config = preset(name)
+        a = config.input_args()
+        return {"targets": targets, "weights": config.weight_args().to_dict(),
+                "input_activations": None if a is None else a.to_dict(), "format": config.format}  # fmt: skip
+
+    groups = {"group_0": group(body, ["Linear"])}
+    if head.endswith("-head"):
+        groups["group_1"] = group(head.removesuffix("-head"), ["lm_head"])
+    return {"quant_method": "compressed-tensors", "format": groups["group_0"]["format"],
+            "quantization_status": "compressed", "config_groups": groups, "kv_cache_scheme": None,
+            "ignore": [] if head else ["lm_head"]}  # fmt: skip
 
 
 def model_folder(workdir: str, shape: str, scheme: str) -> str:
@@ -79,7 +87,7 @@ def model_folder(workdir: str, shape: str, scheme: str) -> str:
     q = quantization_config(scheme)
     if q is not None:
         cfg["quantization_config"] = q
-    if scheme.endswith(HEAD_SUFFIX):
+    if "+" in scheme:
         cfg["tie_word_embeddings"] = False  # as the compressor writes a quantized head: untied from the embedding
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)

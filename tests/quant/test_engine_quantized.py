@@ -172,3 +172,21 @@ def test_dummy_weights_from_config_alone(tmp_path, scheme):
     llm = LLM(folder, dtype="float32", device="cpu", load_format="dummy", kv_cache_dtype="fp8")
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_dummy_weights_with_an_8bit_head_beside_4bit_layers(tmp_path):
+    """A second config group that names lm_head (8-bit) beside 4-bit Linear layers: the engine builds each
+    projection with its own group, the head included."""
+    folder = compressed_folder(tmp_path, "llama", "W4A16")
+    path = tmp_path / "W4A16" / "config.json"
+    cfg = json.loads(path.read_text())
+    q = cfg["quantization_config"]
+    head = json.loads(json.dumps(q["config_groups"]["group_0"]))
+    head["targets"], head["weights"]["num_bits"] = ["lm_head"], 8
+    q["config_groups"]["group_1"], q["ignore"], cfg["tie_word_embeddings"] = head, [], False
+    path.write_text(json.dumps(cfg))
+    llm = LLM(folder, dtype="float32", device="cpu", load_format="dummy")
+    model = llm.engine.runner.model
+    assert model.head_linear.scheme.bits == 8 and model.layers[0].mlp.down_proj.scheme.bits == 4
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

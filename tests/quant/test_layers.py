@@ -151,6 +151,24 @@ def test_which_checkpoints_quantize_the_output_head(quant, head):
     assert config.scheme("model.layers.0.mlp.down_proj") is not None
 
 
+def test_a_named_target_takes_precedence_over_the_class():
+    """compressed-tensors mixed precision: a group that names a module (or matches it by regex) wins over one
+    that targets every Linear, whatever the groups' order."""
+
+    def weights(bits: int) -> dict:
+        return {"weights": {"num_bits": bits, "strategy": "group", "group_size": 128, "symmetric": True}}
+
+    groups = {"head": {"targets": ["lm_head"], **weights(8)}, "down": {"targets": ["re:.*down_proj$"], **weights(8)},
+              "rest": {"targets": ["Linear"], **weights(4)}}  # fmt: skip
+    for order in (list(groups), list(groups)[::-1]):
+        quant = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [],
+                 "config_groups": {name: groups[name] for name in order}}  # fmt: skip
+        config = QuantizationConfig.from_model_config({"quantization_config": quant})
+        assert config.scheme("lm_head").bits == 8
+        assert config.scheme("model.layers.3.mlp.down_proj").bits == 8
+        assert config.scheme("model.layers.3.self_attn.o_proj").bits == 4
+
+
 def test_unsupported_method_is_a_clear_error():
     from slimserve.errors import CheckpointError
 

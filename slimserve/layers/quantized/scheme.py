@@ -51,6 +51,13 @@ def _matches(name: str, target: str) -> bool:
     return target == "Linear" or name == target or name.endswith("." + target)
 
 
+def _match_rank(name: str, target: str) -> int | None:
+    """How specifically `target` matches `name`: 0 by name, 1 by regex, 2 by class (Linear), None not at all."""
+    if not _matches(name, target):
+        return None
+    return 2 if target == "Linear" else 1 if target.startswith("re:") else 0
+
+
 def _ct_act(args: dict[str, Any] | None) -> ActScheme | None:
     if not args:
         return None
@@ -143,10 +150,15 @@ class QuantizationConfig:
             return LinearScheme("fp8", 8, "float", True, "channel", act=ActScheme("float", True), online=True)
         q = self.raw
         if self.method == "compressed-tensors":
+            # A module named by a group (exactly, then by a regex) takes that group over one that targets its
+            # class (compressed-tensors' precedence): e.g. 4-bit "Linear" with an 8-bit "lm_head".
+            best: tuple[int, dict] | None = None
             for group in (q.get("config_groups") or {}).values():
-                if any(_matches(name, t) for t in group.get("targets", [])):
-                    return _ct_scheme(group, q.get("format"))
-            return None
+                ranks = [_match_rank(name, t) for t in group.get("targets", [])]
+                rank = min((r for r in ranks if r is not None), default=None)
+                if rank is not None and (best is None or rank < best[0]):
+                    best = (rank, group)
+            return None if best is None else _ct_scheme(best[1], q.get("format"))
         if self.method == "fp8":
             block = q.get("weight_block_size")
             dynamic = q.get("activation_scheme", "dynamic") == "dynamic"
