@@ -190,3 +190,13 @@ def test_dummy_weights_with_an_8bit_head_beside_4bit_layers(tmp_path):
     assert model.head_linear.scheme.bits == 8 and model.layers[0].mlp.down_proj.scheme.bits == 4
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_a_quantized_head_tied_to_the_embedding_is_refused(tmp_path):
+    folder = compressed_folder(tmp_path, "llama", "W4A16", ignore=())
+    path = tmp_path / "W4A16" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tie_word_embeddings"] = True
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SlimserveError, match="lm_head is quantized but tied"):
+        LLM(folder, dtype="float32", device="cpu")
