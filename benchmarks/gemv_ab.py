@@ -81,9 +81,10 @@ def main() -> None:
             for name, (fn, config_cls) in kernels.items():
                 launches = [config_cls(**asdict(cfg)) for cfg in grid]  # each module's own config class
                 times = [timer(lambda fn=fn, c=c, x=x, w=w, xs=xs: fn(x, w, xs, config=c)) for c in launches]
-                best = grid[times.index(min(times))]
-                err = rel_err(fn(x, w, xs, config=launches[times.index(min(times))]), ref)
-                row.update({f"{name}_us": min(times), f"{name}_config": asdict(best), f"{name}_rel_err": err})
+                fastest = times.index(min(times))
+                err = rel_err(fn(x, w, xs, config=launches[fastest]), ref)
+                row[f"{name}_us"], row[f"{name}_config"] = times[fastest], asdict(grid[fastest])
+                row[f"{name}_rel_err"] = err
             row["speedup"] = row["baseline_us"] / row["current_us"]
             rows.append(row)
             configs.setdefault(fmt, {})[f"{bits},{group},{n},{k}"] = row["current_config"]
