@@ -18,8 +18,9 @@ words (loaded 16 bytes per thread along N), each code turned into a float by one
 (no conversion instruction), scales and zero points applied once per word, split K finished by the last slice
 to arrive (no second kernel), and a launch table measured per shape (GEMV_CONFIGS). Its epilogue can carry the
 RMSNorms around it (int_gemv_norm): the output and down projections add the residual and leave h * gain with
-sum(h**2) for the next norm, whose GEMV scales its outputs by 1 / rms, so an integer-weight decoder layer runs no
-norm kernel."""
+sum(h**2) for the next norm, whose GEMV scales its outputs by 1 / rms, and the gate|up GEMV applies SiLU-and-multiply
+(each column tile takes matching gate and up columns), so an integer-weight decoder layer runs no norm or
+activation kernel."""
 
 from __future__ import annotations
 
@@ -144,15 +145,20 @@ if HAS_TRITON:
         return words, s, z
 
     @triton.jit
-    def _gemv_epilogue(y, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
-                       normed_ptr, sq_out_ptr, ROW_SCALE: tl.constexpr, RES_NORM: tl.constexpr):  # fmt: skip
-        """Finish BLOCK_N outputs of token m. ROW_SCALE: the input was an RMSNorm's h * gain, unnormalised, so
-        the outputs take its 1 / rms (from the sum of squares the kernel before left in sq_in). RES_NORM: the
-        outputs plus the residual are the new residual stream h (stored), and the next RMSNorm is prepared:
-        h * gain stored to `normed`, sum(h**2) added to sq_out."""
+    def _gemv_epilogue(y, m, offs_n, n_mask, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
+                       normed_ptr, sq_out_ptr, ROW_SCALE: tl.constexpr, RES_NORM: tl.constexpr,
+                       GATED: tl.constexpr):  # fmt: skip
+        """Finish the outputs `offs_n` of token m from the tile's sums y. ROW_SCALE: the input was an RMSNorm's
+        h * gain, unnormalised, so the sums take its 1 / rms (from the sum of squares the kernel before left in
+        sq_in). GATED: y holds gate columns, then the matching up columns; the outputs are silu(gate) * up.
+        RES_NORM: the outputs plus the residual are the new residual stream h (stored), and the next RMSNorm is
+        prepared: h * gain stored to `normed`, sum(h**2) added to sq_out."""
         out_ty = out_ptr.dtype.element_ty
         if ROW_SCALE:
             y = y * tl.rsqrt(tl.load(sq_in_ptr + m) / K + eps)
+        if GATED:
+            gate, up = tl.split(tl.trans(tl.reshape(y, (2, y.shape[0] // 2))))
+            y = gate * tl.sigmoid(gate) * up
         if RES_NORM:
             # Rounded as the separate kernels round: the projection's output, then the residual sum.
             res = tl.load(res_ptr + m * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -207,9 +213,11 @@ if HAS_TRITON:
         X_PACKED: tl.constexpr,
         ROW_SCALE: tl.constexpr,
         RES_NORM: tl.constexpr,
+        GATED: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
-        """One token (program axis 0) times BLOCK_N output columns over one K slice of input-major words."""
+        """One token (program axis 0) times BLOCK_N weight columns over one K slice of input-major words. GATED:
+        the weight has 2N columns, [gate | up], and the tile takes BLOCK_N / 2 of each half (N outputs)."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -224,8 +232,19 @@ if HAS_TRITON:
         # rounding; 8-bit codes take one per shift from bit 15 either way (about 1e-6).
         FIRST: tl.constexpr = 11 if BITS < 8 else 15
         RUN: tl.constexpr = (23 - BITS - FIRST) // BITS + 1
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        if GATED:  # the gate columns of BLOCK_N / 2 outputs, then their up columns, N further on
+            offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            lane = tl.arange(0, BLOCK_N)
+            cols = pid_n * (BLOCK_N // 2) + lane % (BLOCK_N // 2)
+            offs_n = cols + (lane // (BLOCK_N // 2)) * N
+            n_mask = cols < N
+            width = 2 * N
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            offs_out = offs_n
+            width = N
+        out_mask = offs_out < N
         rows = tl.arange(0, WORDS)
         # Elementwise partial sums, reduced over K once at the end.
         acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
@@ -296,21 +315,21 @@ if HAS_TRITON:
         if SPLIT:
             # Each slice leaves its partial sums; the last slice of this tile to arrive adds them up in slice
             # order (deterministic) and resets the tile's counter for the next launch.
-            tl.store(part_ptr + (pid_k * M + m) * N + offs_n, y, mask=n_mask)
+            tl.store(part_ptr + (pid_k * M + m) * width + offs_n, y, mask=n_mask)
             tl.debug_barrier()
             tile = m * tl.num_programs(1) + pid_n
             arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits - 1:
                 total = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for i in range(num_splits):
-                    total += tl.load(part_ptr + (i * M + m) * N + offs_n, mask=n_mask, other=0.0,
+                    total += tl.load(part_ptr + (i * M + m) * width + offs_n, mask=n_mask, other=0.0,
                                      cache_modifier=".cg")  # fmt: skip
-                _gemv_epilogue(total, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm,
-                               gain_ptr, normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM)  # fmt: skip
+                _gemv_epilogue(total, m, offs_out, out_mask, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm,
+                               gain_ptr, normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM, GATED)  # fmt: skip
                 tl.atomic_xchg(count_ptr + tile, 0)
         else:
-            _gemv_epilogue(y, m, offs_n, n_mask, N, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
-                           normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM)  # fmt: skip
+            _gemv_epilogue(y, m, offs_out, out_mask, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm,
+                           gain_ptr, normed_ptr, sq_out_ptr, ROW_SCALE, RES_NORM, GATED)  # fmt: skip
 
 
 FLOAT_2_POW_8_BITS = 0x43800000
@@ -407,9 +426,11 @@ def int_gemv_norm_triton(
     norm_in: NormIn | None = None,
     norm_out: NormOut | None = None,
     config: GemvConfig | None = None,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """int_gemv_norm_ref's contract: the GEMV with the halves of the RMSNorms around it in its epilogue."""
-    return _int_gemv(x, w, None, None, config, norm_in, norm_out)
+    """int_gemv_norm_ref's contract: the GEMV with the halves of the RMSNorms around it (or a gated MLP's
+    activation) in its epilogue."""
+    return _int_gemv(x, w, None, None, config, norm_in, norm_out, gated)
 
 
 def _int_gemv(
@@ -420,9 +441,11 @@ def _int_gemv(
     config: GemvConfig | None,
     norm_in: NormIn | None = None,
     norm_out: NormOut | None = None,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     m, k = x.shape
-    n = w.out_features
+    assert not gated or (norm_out is None and w.out_features % 2 == 0)
+    n = w.out_features // 2 if gated else w.out_features  # outputs
     out_dtype = out_dtype or (torch.bfloat16 if x_scale is not None else x.dtype)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     normed = torch.empty_like(out) if norm_out is not None else None
@@ -430,15 +453,15 @@ def _int_gemv(
         return out, normed
     assert x.stride(-1) == 1 and k == w.in_features and int_gemv_supported(w, x_scale)
     group = min(w.group_size, k)
-    cfg = config or GEMV_CONFIGS.get((w.bits, group, n, k), GemvConfig())
-    n_blocks = triton.cdiv(n, cfg.block_n)
+    cfg = config or GEMV_CONFIGS.get((w.bits, group, w.out_features, k), GemvConfig())
+    n_blocks = triton.cdiv(n, cfg.block_n // 2 if gated else cfg.block_n)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = cfg.split_k or triton.cdiv(cfg.programs_per_sm * _sm_count(x.device), m * n_blocks)
     tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
     split = triton.cdiv(k_tiles, tiles_per_split)
     partial, counters = out, w.counters
     if split > 1:
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        partial = torch.empty((split, m, w.out_features), dtype=torch.float32, device=x.device)
         if counters is None or counters.numel() < m * n_blocks:
             counters = torch.zeros(m * n_blocks, dtype=torch.int32, device=x.device)
     zeros = w.zeros if w.zeros is not None else w.scales
@@ -458,7 +481,7 @@ def _int_gemv(
         residual.stride(0), BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
         PREFETCH=cfg.prefetch, X_PACKED=packed, ROW_SCALE=norm_in is not None, RES_NORM=norm_out is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
+        GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return out, normed
 
@@ -536,9 +559,13 @@ def quant_gemm(
 
 
 def int_gemv_norm(
-    x: torch.Tensor, w: QuantWeight, norm_in: NormIn | None = None, norm_out: NormOut | None = None
+    x: torch.Tensor,
+    w: QuantWeight,
+    norm_in: NormIn | None = None,
+    norm_out: NormOut | None = None,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """int_gemv_norm_ref's contract: the Triton GEMV on CUDA, the reference elsewhere."""
     if use_triton(x):
-        return int_gemv_norm_triton(x, w, norm_in, norm_out)
-    return int_gemv_norm_ref(x, w, norm_in, norm_out)
+        return int_gemv_norm_triton(x, w, norm_in, norm_out, gated=gated)
+    return int_gemv_norm_ref(x, w, norm_in, norm_out, gated)

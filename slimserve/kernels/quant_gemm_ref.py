@@ -124,14 +124,23 @@ class NormOut:
 
 
 def int_gemv_norm_ref(
-    x: torch.Tensor, w: QuantWeight, norm_in: NormIn | None = None, norm_out: NormOut | None = None
+    x: torch.Tensor,
+    w: QuantWeight,
+    norm_in: NormIn | None = None,
+    norm_out: NormOut | None = None,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = x @ dequantized(w).T with the halves of RMSNorms around it (NormIn, NormOut): (y, None), or (h, h *
-    gain) with NormOut. A norm then costs no kernel of its own: RMSNorm(h) @ W.T = ((h * gain) @ W.T) / rms(h)."""
+    gain) with NormOut. A norm then costs no kernel of its own: RMSNorm(h) @ W.T = ((h * gain) @ W.T) / rms(h).
+    gated: w's outputs are the halves [gate | up] of a gated MLP, and y is silu(gate) * up (in fp32, rounded
+    once), so the activation costs no kernel either."""
     m, k = x.shape
     y = quant_gemm_ref(x, w, None, torch.float32)
     if norm_in is not None:
         y = y * torch.rsqrt(norm_in.sumsq[:m, None] / k + norm_in.eps)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     if norm_out is None:
         return y.to(x.dtype), None
     h = (y.to(x.dtype) + norm_out.residual).to(x.dtype)

@@ -228,15 +228,15 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, NormIn | None]:
         """A few rows through integer GEMVs that carry the RMSNorms (chains_norms): x is the input norm's
         h * gain, finished by the q|k|v GEMV's epilogue with `norm_in` (None: x is already normalised); the
-        output projection adds the residual and prepares the post-attention norm, the down projection the next
+        output projection adds the residual and prepares the post-attention norm, the gate|up GEMV applies the
+        SiLU-and-multiply (no activation kernel), the down projection the next
         layer's (`next_norm`; sums [2, rows] fp32 zeros receive the sums of squares). Returns the next layer's
         (x, residual, norm_in), or after the last layer (down's output, residual, None) for the final norm."""
         attn, mlp, norm2 = self.self_attn, self.mlp, self.post_attention_layernorm
         qkv, _ = int_gemv_norm(x, attn.qkv_proj.qweight, norm_in)
         out = attn.heads(positions, attn.qkv_proj.add_bias(qkv), meta)
         h, x = int_gemv_norm(out, attn.o_proj.qweight, None, NormOut(residual, norm2.weight, sums[0]))
-        gate_up, _ = int_gemv_norm(x, mlp.gate_up_proj.qweight, NormIn(sums[0], norm2.eps))
-        act = silu_and_mul(gate_up)
+        act, _ = int_gemv_norm(x, mlp.gate_up_proj.qweight, NormIn(sums[0], norm2.eps), gated=True)
         if next_norm is None:
             return int_gemv_norm(act, mlp.down_proj.qweight)[0], h, None
         h, x = int_gemv_norm(act, mlp.down_proj.qweight, None, NormOut(h, next_norm.weight, sums[1]))

@@ -85,8 +85,9 @@ def test_engine_matches_transformers(tmp_path, family, scheme, options, atol):
 
 @pytest.mark.parametrize("family,scheme,options", [("llama", "W4A16", {}), ("qwen2", "W2A16", {"group_size": 32})])
 def test_one_row_decode_carries_the_norms_in_the_gemvs(tmp_path, family, scheme, options):
-    """One sequence at a time, integer-weight layers chain their RMSNorms through the GEMV epilogues (no norm
-    kernel inside the stack): the same greedy tokens and log-probabilities as transformers (q|k|v bias too)."""
+    """One sequence at a time, integer-weight layers chain their RMSNorms and the MLP's activation through the
+    GEMV epilogues (no norm or activation kernel inside the stack): the same greedy tokens and log-probabilities
+    as transformers (q|k|v bias too)."""
     folder = compressed_folder(tmp_path, family, scheme, **options)
     llm = LLM(folder, dtype="float32", device="cpu")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)

@@ -113,3 +113,20 @@ def test_norm_halves_in_the_epilogue(case, dtype):
         assert rel_err(a, b) < tol, f"seed {seed}"
     out, normed = int_gemv_norm_triton(x, w, norm_in, None, config)
     assert normed is None and rel_err(out, int_gemv_norm_ref(x, w, norm_in)[0]) < tol, f"seed {seed}"
+
+
+@pytest.mark.parametrize("case,bits,dtype", [(0, 4, torch.float32), (1, 2, torch.float32), (3, 4, torch.bfloat16)])
+def test_gated_activation_in_the_epilogue(case, bits, dtype):
+    """A [gate | up] weight gives silu(gate) * up: each tile takes half its columns from either half (a tile
+    past the end of an odd half, split K or not), with and without the input norm's 1 / rms."""
+    gen, seed = generator()
+    m, n, k, group, config = CASES[case]
+    half = n // 2 + 1  # odd halves for cases 0 and 3: the last tile is partly masked
+    tol = 2 * TOL if dtype == torch.float32 else 1e-2  # a product of two sums: their errors add
+    w = int_weight(2 * half, k, bits, group, case == 1, gen).input_major()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    for norm_in in (None, NormIn(torch.rand(m + 1, generator=gen) * k, 1e-5)):
+        got, _ = int_gemv_norm_triton(x, w, norm_in, config=config, gated=True)
+        want, _ = int_gemv_norm_ref(x, w, norm_in, gated=True)
+        assert got.shape == (m, half) and rel_err(got, want) < tol, f"seed {seed}"
+    assert not w.counters.any(), "the split-K counters must be left at zero for the next launch"
