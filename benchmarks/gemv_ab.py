@@ -7,7 +7,7 @@ The baseline is slimserve/kernels/quant_gemm.py as committed at `--baseline` (re
 beside the working tree's; times are CUDA-graph replays with a cold L2 (benchmarks/quant_gemv.py's Timer).
 
 usage: python benchmarks/gemv_ab.py --baseline REV [--formats W4A16 W2A16-g64-asym] [--models llama-3.1-8b]
-           [--lm-head] [--out DIR]
+           [--lm-head] [--warps 4 8] [--stages 1 2 3 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -57,15 +57,27 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=["W4A16"])
     parser.add_argument("--models", nargs="+", choices=sorted(PROJECTIONS), default=["llama-3.1-8b"])
     parser.add_argument("--lm-head", action="store_true", help="also the output head's shape (a quantized head)")
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4], help="K-loop pipeline depths tried")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
     old = baseline_module(args.baseline)
     grid = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=warps, prefetch=prefetch, programs_per_sm=pps)
-        for bn, bk, warps, prefetch, pps in itertools.product((32, 64), (256, 512), (4, 8), (False, True), (1, 2, 4))
+        for bn, bk, warps, prefetch, pps in itertools.product(
+            (32, 64), (256, 512), args.warps, (False, True), (1, 2, 4)
+        )
     ]
-    kernels = {"baseline": (old.int_gemv_triton, old.GemvConfig), "current": (int_gemv_triton, GemvConfig)}
+    # Software-pipelined K loops (num_stages > 1), the current kernel only: 32-column tiles, which won every
+    # 8B shape before.
+    pipelined = [
+        GemvConfig(block_k=bk, num_warps=warps, num_stages=stages, programs_per_sm=pps)
+        for bk, warps, stages, pps in itertools.product((256, 512), args.warps, args.stages, (1, 2, 4))
+        if stages > 1
+    ]
+    kernels = {"baseline": (old.int_gemv_triton, old.GemvConfig, grid),
+               "current": (int_gemv_triton, GemvConfig, grid + pipelined)}  # fmt: skip
     timer, t0 = Timer(), time.perf_counter()
     date = datetime.date.today().isoformat()
     configs: dict[str, dict[str, dict]] = {}
@@ -78,12 +90,12 @@ def main() -> None:
             x, xs = inputs(1, k, fmt)
             ref = quant_gemm_ref(x, w, xs, torch.bfloat16)
             row = dict(format=fmt, model=model, proj=proj, n=n, k=k, bytes=nbytes(w, 1))
-            for name, (fn, config_cls) in kernels.items():
-                launches = [config_cls(**asdict(cfg)) for cfg in grid]  # each module's own config class
+            for name, (fn, config_cls, configs_tried) in kernels.items():
+                launches = [config_cls(**asdict(cfg)) for cfg in configs_tried]  # each module's own config class
                 times = [timer(lambda fn=fn, c=c, x=x, w=w, xs=xs: fn(x, w, xs, config=c)) for c in launches]
                 fastest = times.index(min(times))
                 err = rel_err(fn(x, w, xs, config=launches[fastest]), ref)
-                row[f"{name}_us"], row[f"{name}_config"] = times[fastest], asdict(grid[fastest])
+                row[f"{name}_us"], row[f"{name}_config"] = times[fastest], asdict(configs_tried[fastest])
                 row[f"{name}_rel_err"] = err
             row["speedup"] = row["baseline_us"] / row["current_us"]
             rows.append(row)
@@ -93,7 +105,8 @@ def main() -> None:
                   f"x{row['speedup']:.3f}", flush=True)  # fmt: skip
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   command=" ".join([os.path.basename(sys.executable), *sys.argv]), date=date,
-                  baseline=args.baseline, grid=[asdict(c) for c in grid], configs=configs, rows=rows)  # fmt: skip
+                  baseline=args.baseline, grid=[asdict(c) for c in grid], pipelined=[asdict(c) for c in pipelined],
+                  configs=configs, rows=rows)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gemv-ab-{date}.json")
     with open(path, "w") as f:

@@ -145,6 +145,63 @@ if HAS_TRITON:
         return words, s, z
 
     @triton.jit
+    def _gemv_tile_sum(words, s, z, word, x_ptr, m, stride_xm, K, magic, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       EVEN_K: tl.constexpr, X_PACKED: tl.constexpr):  # fmt: skip
+        """One tile's products [WORDS, BLOCK_N]: the codes of words (input-word rows `word`) times the token's
+        activations, with their groups' scales s and zero points z."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        CODE_MASK: tl.constexpr = (1 << BITS) - 1
+        # Codes become floats without conversion instructions: a code masked in place at mantissa bit p, under
+        # the exponent of 2**(23 - p), reads as 2**(23 - p) + code. Bits FIRST to 22 hold RUN codes at a time (one
+        # shift of the word per run). Once the row's sum of those powers times x (`bias`) is taken off, the
+        # products' rounding costs about 2**(-1 - FIRST) of a code step each: bits 11-22 take three 4-bit or six
+        # 2-bit codes per shift for about 3e-5 (4-bit) and 1.5e-4 (2-bit) of the sum, below the bf16 output's
+        # rounding; 8-bit codes take one per shift from bit 15 either way (about 1e-6).
+        FIRST: tl.constexpr = 11 if BITS < 8 else 15
+        RUN: tl.constexpr = (23 - BITS - FIRST) // BITS + 1
+        # sum_j (2**(23 - p_j) + code_j) * x_j per word; the row's sum_j (2**(23 - p_j) + zero) * x_j
+        # (`bias`, the symmetric grid's zero included) is subtracted once per word. `magic` (the exponent
+        # bits of 2**8) comes as an argument, so it and the exponents below it sit in registers and each
+        # mask goes in its instruction: one LOP3 and one FFMA per code. Zero points per group and column
+        # take zero * sum_j x_j once per word instead.
+        for j in tl.static_range(PER_WORD):
+            k = word * PER_WORD + j
+            if X_PACKED:  # bf16 activations four to a 64-bit load; each widened by one shift or mask
+                if j % 4 == 0:
+                    quad_index = k // 4
+                    if EVEN_K:
+                        quad = tl.load(x_ptr + m * stride_xm + quad_index)
+                    else:
+                        quad = tl.load(x_ptr + m * stride_xm + quad_index, mask=quad_index < K // 4, other=0)
+                    pair = quad.to(tl.int32)
+                if j % 4 == 2:
+                    pair = (quad >> 32).to(tl.int32)
+                xj = (pair << 16 if j % 2 == 0 else pair & -65536).to(tl.float32, bitcast=True)
+            elif EVEN_K:
+                xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+            else:
+                xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            i = j % RUN  # place in its run; the run's shift is the same expression for each of its codes
+            shift = FIRST - BITS * (j - i)
+            run = words << shift if shift >= 0 else words >> -shift
+            field = (run & (CODE_MASK << (FIRST + BITS * i))) | (magic - ((FIRST - 15 + BITS * i) << 23))
+            power = 1 << (23 - FIRST - BITS * i)
+            if not HAS_ZERO:
+                power += 1 << (BITS - 1)
+            if j == 0:  # the first term starts the sums (no zeroed registers per tile)
+                cx = field.to(tl.float32, bitcast=True) * xj[:, None]
+                bias = power * xj
+                sx = xj
+            else:
+                cx += field.to(tl.float32, bitcast=True) * xj[:, None]
+                bias += power * xj
+                sx += xj
+        cx -= bias[:, None]
+        if HAS_ZERO:
+            return s * (cx - z * sx[:, None])
+        return s * cx
+
+    @triton.jit
     def _gemv_epilogue(y, m, offs_n, n_mask, K, out_ptr, stride_om, sq_in_ptr, eps, res_ptr, stride_rm, gain_ptr,
                        normed_ptr, sq_out_ptr, ROW_SCALE: tl.constexpr, RES_NORM: tl.constexpr,
                        GATED: tl.constexpr):  # fmt: skip
@@ -214,6 +271,7 @@ if HAS_TRITON:
         ROW_SCALE: tl.constexpr,
         RES_NORM: tl.constexpr,
         GATED: tl.constexpr,
+        STAGES: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """One token (program axis 0) times BLOCK_N weight columns over one K slice of input-major words. GATED:
@@ -223,15 +281,6 @@ if HAS_TRITON:
         pid_k = tl.program_id(2)
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        CODE_MASK: tl.constexpr = (1 << BITS) - 1
-        # Codes become floats without conversion instructions: a code masked in place at mantissa bit p, under
-        # the exponent of 2**(23 - p), reads as 2**(23 - p) + code. Bits FIRST to 22 hold RUN codes at a time (one
-        # shift of the word per run). Once the row's sum of those powers times x (`bias`) is taken off, the
-        # products' rounding costs about 2**(-1 - FIRST) of a code step each: bits 11-22 take three 4-bit or six
-        # 2-bit codes per shift for about 3e-5 (4-bit) and 1.5e-4 (2-bit) of the sum, below the bf16 output's
-        # rounding; 8-bit codes take one per shift from bit 15 either way (about 1e-6).
-        FIRST: tl.constexpr = 11 if BITS < 8 else 15
-        RUN: tl.constexpr = (23 - BITS - FIRST) // BITS + 1
         if GATED:  # the gate columns of BLOCK_N / 2 outputs, then their up columns, N further on
             offs_out = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             lane = tl.arange(0, BLOCK_N)
@@ -254,61 +303,34 @@ if HAS_TRITON:
         w_tile = w_ptr + offs_n[None, :] * stride_wn
         s_tile = s_ptr + offs_n[None, :] * stride_sn
         z_tile = z_ptr + offs_n[None, :] * stride_zn
-        words, s, z = _gemv_tile(w_tile, s_tile, z_tile, k_lo // PER_WORD + rows, end, n_mask, stride_wk, stride_sg,
-                                 stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
-        wait_for_previous(USE_PDL)  # the first tile of weights is on its way; the activations come next
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            word = k0 // PER_WORD + rows
-            if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
-                next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk,
-                                                        stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
-            # sum_j (2**(23 - p_j) + code_j) * x_j per word; the row's sum_j (2**(23 - p_j) + zero) * x_j
-            # (`bias`, the symmetric grid's zero included) is subtracted once per word. `magic` (the exponent
-            # bits of 2**8) comes as an argument, so it and the exponents below it sit in registers and each
-            # mask goes in its instruction: one LOP3 and one FFMA per code. Zero points per group and column
-            # take zero * sum_j x_j once per word instead.
-            for j in tl.static_range(PER_WORD):
-                k = word * PER_WORD + j
-                if X_PACKED:  # bf16 activations four to a 64-bit load; each widened by one shift or mask
-                    if j % 4 == 0:
-                        quad_index = k // 4
-                        if EVEN_K:
-                            quad = tl.load(x_ptr + m * stride_xm + quad_index)
-                        else:
-                            quad = tl.load(x_ptr + m * stride_xm + quad_index, mask=quad_index < K // 4, other=0)
-                        pair = quad.to(tl.int32)
-                    if j % 4 == 2:
-                        pair = (quad >> 32).to(tl.int32)
-                    xj = (pair << 16 if j % 2 == 0 else pair & -65536).to(tl.float32, bitcast=True)
-                elif EVEN_K:
-                    xj = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+        if STAGES > 1:
+            # Triton's software pipeline copies the next STAGES - 1 tiles into shared memory while this one is
+            # summed: more bytes in flight per SM than registers can hold (and fewer registers, so more programs
+            # per SM). It pipelines no loop with a wait inside, so the first copies start after the wait.
+            wait_for_previous(USE_PDL)
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+                word = k0 // PER_WORD + rows
+                words, s, z = _gemv_tile(w_tile, s_tile, z_tile, word, end, n_mask, stride_wk, stride_sg, stride_zg,
+                                         PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+                acc += _gemv_tile_sum(words, s, z, word, x_ptr, m, stride_xm, K, magic, BITS, HAS_ZERO, EVEN_K,
+                                      X_PACKED)  # fmt: skip
+        else:
+            words, s, z = _gemv_tile(w_tile, s_tile, z_tile, k_lo // PER_WORD + rows, end, n_mask, stride_wk,
+                                     stride_sg, stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+            wait_for_previous(USE_PDL)  # the first tile of weights is on its way; the activations come next
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                word = k0 // PER_WORD + rows
+                if PREFETCH:  # the next tile's loads go out before this tile's arithmetic
+                    next_words, next_s, next_z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask,
+                                                            stride_wk, stride_sg, stride_zg, PER_WORD, GROUP,
+                                                            HAS_ZERO)  # fmt: skip
+                acc += _gemv_tile_sum(words, s, z, word, x_ptr, m, stride_xm, K, magic, BITS, HAS_ZERO, EVEN_K,
+                                      X_PACKED)  # fmt: skip
+                if PREFETCH:
+                    words, s, z = next_words, next_s, next_z
                 else:
-                    xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-                i = j % RUN  # place in its run; the run's shift is the same expression for each of its codes
-                shift = FIRST - BITS * (j - i)
-                run = words << shift if shift >= 0 else words >> -shift
-                field = (run & (CODE_MASK << (FIRST + BITS * i))) | (magic - ((FIRST - 15 + BITS * i) << 23))
-                power = 1 << (23 - FIRST - BITS * i)
-                if not HAS_ZERO:
-                    power += 1 << (BITS - 1)
-                if j == 0:  # the first term starts the sums (no zeroed registers per tile)
-                    cx = field.to(tl.float32, bitcast=True) * xj[:, None]
-                    bias = power * xj
-                    sx = xj
-                else:
-                    cx += field.to(tl.float32, bitcast=True) * xj[:, None]
-                    bias += power * xj
-                    sx += xj
-            cx -= bias[:, None]
-            if HAS_ZERO:
-                acc += s * (cx - z * sx[:, None])
-            else:
-                acc += s * cx
-            if PREFETCH:
-                words, s, z = next_words, next_s, next_z
-            else:
-                words, s, z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk, stride_sg,
-                                         stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
+                    words, s, z = _gemv_tile(w_tile, s_tile, z_tile, word + WORDS, end, n_mask, stride_wk, stride_sg,
+                                             stride_zg, PER_WORD, GROUP, HAS_ZERO)  # fmt: skip
         y = tl.sum(acc, axis=0)
         if A_SCALE:
             y = y * tl.load(xs_ptr + m * stride_xsm).to(tl.float32)
@@ -345,7 +367,8 @@ FMA_GEMV_MAX_M = {2: 4, 4: 4, 8: 3}
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch of the integer GEMV: column tile, K tile, K slices (None: enough for `programs_per_sm` programs per
-    SM), warps, Triton's software-pipelining depth, and whether the kernel itself loads one tile ahead."""
+    SM), warps, the K loop's pipeline depth (num_stages > 1: tiles copied ahead through shared memory by Triton's
+    software pipeline), and, without it, whether the kernel loads one tile ahead into registers."""
 
     block_n: int = 32
     block_k: int = 256
@@ -353,7 +376,7 @@ class GemvConfig:
     num_warps: int = 8
     num_stages: int = 1
     programs_per_sm: int = 2
-    prefetch: bool = False  # load the next K tile before the arithmetic of this one
+    prefetch: bool = False  # load the next K tile before the arithmetic of this one (num_stages 1)
 
 
 # The fastest launch per (bits, group size, N, K), measured on an H100 (benchmarks/quant_gemv.py: Llama-3.1-8B
@@ -481,7 +504,7 @@ def _int_gemv(
         residual.stride(0), BITS=w.bits, HAS_ZERO=w.zeros is not None, A_SCALE=x_scale is not None, GROUP=group,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
         PREFETCH=cfg.prefetch, X_PACKED=packed, ROW_SCALE=norm_in is not None, RES_NORM=norm_out is not None,
-        GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
+        GATED=gated, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return out, normed
 

@@ -26,6 +26,9 @@ CASES = [
     (3, 40, 384, 32, GemvConfig(block_n=16, block_k=128, split_k=2)),
     (2, 33, 192, 64, GemvConfig(block_n=32, block_k=64, split_k=1, prefetch=False)),
     (1, 50, 200, None, GemvConfig(block_n=16, block_k=64, split_k=2)),
+    # Software-pipelined K loops (tiles copied ahead through shared memory): a K tail, split K or not.
+    (2, 40, 320, 64, GemvConfig(block_n=32, block_k=64, split_k=2, num_stages=3)),
+    (1, 24, 200, None, GemvConfig(block_n=16, block_k=64, split_k=1, num_stages=2)),
 ]
 
 
