@@ -31,6 +31,31 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM: tl.constexpr,
+                    SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+        """The activations `cols` the weights multiply, and the row before its norm (NORM; else the same)."""
+        dtype = x_ptr.dtype.element_ty
+        if NORM:
+            # RMSNorm scales the row by one number: the sum of squares accumulates beside the products
+            # and the scale is applied at the end, so the weights stream from the first iteration.
+            x = _load_input(x_ptr, res_ptr, cols, mask_k, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                if pid_n == 0:
+                    tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
+            a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+        elif SILU:  # the gated SiLU of x = cat(gate, up)
+            gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
+            # torch rounds silu(gate) to the input dtype before the product; so does this.
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            a = (act * up).to(dtype).to(tl.float32)
+            x = a
+        else:
+            a = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            x = a
+        return a, x
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,
         res_ptr,
@@ -53,12 +78,12 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         # Rows vary fastest, so the programs of one weight block run close together.
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
-        dtype = x_ptr.dtype.element_ty
         x_ptr += row.to(tl.int64) * stride_x
         res_ptr += row.to(tl.int64) * stride_res
         res_out_ptr += row.to(tl.int64) * stride_res_out
@@ -66,35 +91,37 @@ if HAS_TRITON:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-        # Each weight tile is loaded one iteration ahead; the first needs nothing from the kernel before this
-        # one, so it is on its way before the wait.
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-        wait_for_previous(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            mask_k = cols < K
-            if NORM:
-                # RMSNorm scales the row by one number: the sum of squares accumulates beside the products
-                # and the scale is applied at the end, so the weights stream from the first iteration.
-                x = _load_input(x_ptr, res_ptr, cols, mask_k, HAS_RESIDUAL)
-                squares += x * x
-                if HAS_RESIDUAL:
-                    if pid_n == 0:
-                        tl.store(res_out_ptr + cols, x.to(dtype), mask=mask_k)
-                a = x * tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
-            elif SILU:  # the gated SiLU of x = cat(gate, up)
-                gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
-                # torch rounds silu(gate) to the input dtype before the product; so does this.
-                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                a = (act * up).to(dtype).to(tl.float32)
-            else:
-                a = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * a[None, :]
-            ahead = cols + BLOCK_K
-            w = tl.load(w_rows + ahead[None, :], mask=mask_n[:, None] & (ahead < K)[None, :], other=0.0)
+        if STAGES > 1:
+            # Triton's software pipeline copies the next STAGES - 1 weight tiles into shared memory while this
+            # one is multiplied (more bytes in flight than registers hold); it pipelines no loop with a wait
+            # inside, so the first copies start after the wait.
+            wait_for_previous(USE_PDL)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                cols = k0 + offs_k
+                mask_k = cols < K
+                w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                a, x = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM, SILU,
+                                   HAS_RESIDUAL)  # fmt: skip
+                if NORM:
+                    squares += x * x
+                acc += w.to(tl.float32) * a[None, :]
+        else:
+            # Each weight tile is loaded one iteration ahead; the first needs nothing from the kernel before this
+            # one, so it is on its way before the wait.
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+            wait_for_previous(USE_PDL)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + offs_k
+                mask_k = cols < K
+                a, x = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM, SILU,
+                                   HAS_RESIDUAL)  # fmt: skip
+                if NORM:
+                    squares += x * x
+                acc += w.to(tl.float32) * a[None, :]
+                ahead = cols + BLOCK_K
+                w = tl.load(w_rows + ahead[None, :], mask=mask_n[:, None] & (ahead < K)[None, :], other=0.0)
         y = tl.sum(acc, axis=1)
         if NORM:
             y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -104,11 +131,14 @@ if HAS_TRITON:
 
     def _tuning_configs() -> list[triton.Config]:
         if INTERPRETED:  # one configuration: the interpreter would time every candidate
-            return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64})]
+            return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 64, "STAGES": 1})]
+        # STAGES 1: one tile ahead in registers, the first before the wait; more: Triton's pipeline.
         return [
-            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+            triton.Config(
+                {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": stages}, num_warps=warps, num_stages=stages
+            )  # fmt: skip
             for block_n, block_k, warps in ((2, 512, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8), (32, 256, 8))
-            for stages in (1, 3)
+            for stages in (1, 3, 4)
         ]
 
     # Tuned once per (N, K, prologue) during the engine's eager warm-up, before CUDA-graph capture.
@@ -128,10 +158,10 @@ def _launch(
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     silu: bool = False,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel on rows of x: with the RMSNorm prologue when there is a norm weight, with the gated
-    SiLU of x = cat(gate, up) when `silu`, else on x itself. `block` = (BLOCK_N, BLOCK_K) bypasses tuning
+    SiLU of x = cat(gate, up) when `silu`, else on x itself. `block` = (BLOCK_N, BLOCK_K[, STAGES]) bypasses tuning
     (tests)."""
     n, k = weight.shape
     in_features = x.shape[-1] // 2 if silu else x.shape[-1]
@@ -180,7 +210,11 @@ def _launch(
         grid = lambda meta: (rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _gemv_tuned[grid](*args, **flags)
     else:
-        _gemv_kernel[(rows, triton.cdiv(n, block[0]))](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        block_n, block_k, *stages = block
+        stages = stages[0] if stages else 1
+        _gemv_kernel[(rows, triton.cdiv(n, block_n))](
+            *args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_stages=stages
+        )
     return out.view(*x.shape[:-1], n), new_residual
 
 
@@ -191,7 +225,7 @@ def norm_gemv_triton(
     norm_weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as norm_gemv_ref, with the norm weight in the activations' dtype."""
     out, new_residual = _launch(
@@ -210,14 +244,14 @@ def silu_mul_gemv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Same contract as silu_mul_gemv_ref."""
     return _launch(x, weight, bias, silu=True, block=block)[0]
 
 
 def gemv_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: tuple[int, int] | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: tuple[int, ...] | None = None
 ) -> torch.Tensor:
     """Same contract as gemv_ref."""
     return _launch(x, weight, bias, block=block)[0]

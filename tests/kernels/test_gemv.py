@@ -13,8 +13,9 @@ from slimserve.kernels.gemv_ref import gemv_ref, norm_gemv_ref, silu_mul_gemv_re
 
 # bf16: the interpreter truncates fp32 -> bf16 where the reference rounds, and sums in another order.
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}
-# (BLOCK_N, BLOCK_K): rows and columns masked at the edges, one K block or several.
-BLOCKS = [(4, 64), (8, 32), (1, 128), (16, 16)]
+# (BLOCK_N, BLOCK_K[, STAGES]): rows and columns masked at the edges, one K block or several; the K loop one tile
+# ahead in registers, or pipelined through shared memory (STAGES > 1).
+BLOCKS = [(4, 64), (8, 32), (1, 128), (16, 16), (4, 32, 3), (8, 64, 2)]
 
 
 def make_generator() -> tuple[torch.Generator, int]:
@@ -27,7 +28,7 @@ def make_generator() -> tuple[torch.Generator, int]:
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("block", BLOCKS)
 def test_norm_gemv_matches_reference(
-    dtype: torch.dtype, with_residual: bool, with_bias: bool, block: tuple[int, int]
+    dtype: torch.dtype, with_residual: bool, with_bias: bool, block: tuple[int, ...]
 ) -> None:
     gen, seed = make_generator()
     rows, k, n = 2, 200, 37  # odd sizes: both the weight rows and the reduction are masked
@@ -47,7 +48,7 @@ def test_norm_gemv_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, block: tuple[int, int]) -> None:
+def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, block: tuple[int, ...]) -> None:
     gen, seed = make_generator()
     inter, n = 150, 45
     x = (2 * torch.randn(3, 2 * inter, generator=gen)).to(dtype)
@@ -60,7 +61,7 @@ def test_silu_mul_gemv_matches_reference(dtype: torch.dtype, block: tuple[int, i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_plain_gemv_matches_reference(dtype: torch.dtype, with_bias: bool, block: tuple[int, int]) -> None:
+def test_plain_gemv_matches_reference(dtype: torch.dtype, with_bias: bool, block: tuple[int, ...]) -> None:
     gen, seed = make_generator()
     k, n = 130, 29
     x = torch.randn(2, k, generator=gen).to(dtype)
