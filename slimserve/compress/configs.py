@@ -106,8 +106,10 @@ class QuantConfig:
         w = self.weight_args()
         if self.method == "hqq" and (w.symmetric or w.type != "int"):
             raise QuantConfigError("HQQ optimizes zero points: use asymmetric integer weights (symmetric=False)")
-        if w.type == "float" and self.method != "rtn":
-            raise QuantConfigError(f"FP8 weights are rounded to nearest; method {self.method!r} does not apply")
+        if w.type == "float" and self.method not in ("rtn", "gptq"):
+            raise QuantConfigError(f"FP8 weights take rtn or gptq; method {self.method!r} does not apply")
+        if w.type == "float" and self.method == "gptq" and w.strategy == "block":
+            raise QuantConfigError("GPTQ rounds FP8 weights with per-channel or per-tensor scales, not blocks")
         if self.method == "awq" and self.smoothquant is not None:
             raise QuantConfigError("AWQ already balances activations and weights; drop SmoothQuant")
 

@@ -58,7 +58,7 @@ def test_self_calibration_and_recipe(model_dir, tmp_path):
         (["--scheme", "W4A16", "--group-size", "128"], "does not divide"),
         (["--scheme", "W4A16", "--group-size", "48"], "group size must be"),
         (["--scheme", "FP8_BLOCK"], "block width 128 does not divide"),
-        (["--scheme", "FP8", "--method", "gptq"], "does not apply"),
+        (["--scheme", "FP8", "--method", "awq"], "does not apply"),
         ([], "exactly one of --recipe and --scheme"),
     ],
 )

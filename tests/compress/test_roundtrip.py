@@ -23,6 +23,8 @@ CASES = [
     ("W8A8", {"method": "gptq"}, "qwen2"),
     ("W8A8", {}, "llama"),
     ("FP8", {}, "qwen2"),
+    ("FP8", {"method": "gptq"}, "llama"),
+    ("FP8_STATIC", {"method": "gptq"}, "qwen2"),
     ("FP8_STATIC", {}, "llama"),
     ("FP8_BLOCK", {}, "llama"),
     ("W4A8", {"method": "gptq"}, "qwen2"),

@@ -1,9 +1,10 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column and push each column's rounding error
 onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = 2 X X^T / n).
 
-Act-order processes columns by decreasing Hessian diagonal. With groups it keeps "static" groups: every
-group's scale comes from its original columns before the loop, so the checkpoint needs no column
-permutation (g_idx) and loads in every runtime."""
+FP8 weights (E4M3, per channel or per tensor) take the same loop, each column rounded to its nearest E4M3
+value instead of an integer. Act-order processes columns by decreasing Hessian diagonal. With groups it keeps
+"static" groups: every group's scale comes from its original columns before the loop, so the checkpoint needs
+no column permutation (g_idx) and loads in every runtime."""
 
 from __future__ import annotations
 
@@ -117,8 +118,10 @@ def gptq(
 
     A float32 h is borrowed rather than copied (at an 8B model's MLP width a copy costs most of a gigabyte
     of accelerator memory): only its diagonal changes while the inverse is computed, and it is restored."""
-    if args.strategy not in ("channel", "group") or args.type != "int":
-        raise ValueError(f"GPTQ handles integer per-channel or group weights, not {args.type}/{args.strategy}")
+    supported = ("channel", "group") if args.type == "int" else ("channel", "tensor")
+    if args.strategy not in supported:
+        raise ValueError(f"GPTQ handles integer per-channel or group weights and FP8 per-channel or per-tensor "
+                         f"weights, not {args.type}/{args.strategy}")  # fmt: skip
     if not torch.isfinite(h).all():
         return None
     h = h if h.dtype == torch.float32 else h.float()
@@ -143,9 +146,11 @@ def _gptq(
     groups = cols // gs
     scale = torch.empty(rows, groups, dtype=dtype, device=W.device)
     zp = None if args.symmetric else torch.empty(rows, groups, dtype=torch.int8, device=W.device)
-    # Per-channel scales, and group scales under act-order, are fixed from the original weight.
-    static = args.strategy == "channel" or opts.actorder
-    if static:
+    # Per-channel and per-tensor scales, and group scales under act-order, are fixed from the original weight.
+    static = args.strategy != "group" or opts.actorder
+    if args.strategy == "tensor":
+        scale[:] = qdq.qparams(*qdq.weight_range(W, args), args, dtype)[0]
+    elif static:
         for g in range(groups):
             s, z = _column_params(W[:, g * gs : (g + 1) * gs], args, dtype, observer)
             scale[:, g : g + 1] = s
@@ -166,6 +171,7 @@ def _gptq(
     # Blocks hold whole groups so that a group's dynamic scale is set while all its columns are in the block.
     # The loop runs on the transpose, where a column is a contiguous row and its error update one BLAS ger.
     bs = max(opts.block_size // gs, 1) * gs if not static else opts.block_size
+    fp8 = args.type == "float"
     Wt = W.t().contiguous()
     del W
     Qt = torch.zeros_like(Wt)
@@ -188,7 +194,10 @@ def _gptq(
                         zp[:, g : g + 1] = z
                         zp_t[g] = z[:, 0].float()
                 s = scale_t[g]
-                if zp_t is None:
+                if fp8:  # the nearest E4M3 value (its steps widen with the magnitude)
+                    q = (W1[i] / s).clamp_(args.qmin, args.qmax).to(torch.float8_e4m3fn).float()
+                    deq = q * s
+                elif zp_t is None:
                     q = (W1[i] / s).clamp_(args.qmin, args.qmax).round_()
                     deq = q * s
                 else:
@@ -202,4 +211,7 @@ def _gptq(
         Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
 
     Q = Qt.t()[:, torch.argsort(perm)]
+    if fp8:
+        scale = scale[:1, 0] if args.strategy == "tensor" else scale  # compressed-tensors' per-tensor shape (1,)
+        return GPTQResult(QuantizedWeight(Q.to(torch.float8_e4m3fn), scale, zp), damp)
     return GPTQResult(QuantizedWeight(Q.to(torch.int8), scale, zp), damp)
