@@ -7,7 +7,7 @@ The baseline is slimserve/kernels/quant_gemm.py as committed at `--baseline` (re
 beside the working tree's; times are CUDA-graph replays with a cold L2 (benchmarks/quant_gemv.py's Timer).
 
 usage: python benchmarks/gemv_ab.py --baseline REV [--formats W4A16 W2A16-g64-asym] [--models llama-3.1-8b]
-           [--lm-head] [--warps 4 8] [--stages 1 2 3 4] [--out DIR]
+           [--lm-head] [--block-n 32 64] [--warps 4 8] [--stages 1 2 3 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=["W4A16"])
     parser.add_argument("--models", nargs="+", choices=sorted(PROJECTIONS), default=["llama-3.1-8b"])
     parser.add_argument("--lm-head", action="store_true", help="also the output head's shape (a quantized head)")
+    parser.add_argument("--block-n", nargs="+", type=int, default=[32, 64], help="column tiles tried")
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4], help="K-loop pipeline depths tried")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -66,7 +67,7 @@ def main() -> None:
     grid = [
         GemvConfig(block_n=bn, block_k=bk, num_warps=warps, prefetch=prefetch, programs_per_sm=pps)
         for bn, bk, warps, prefetch, pps in itertools.product(
-            (32, 64), (256, 512), args.warps, (False, True), (1, 2, 4)
+            args.block_n, (256, 512), args.warps, (False, True), (1, 2, 4)
         )
     ]
     # Software-pipelined K loops (num_stages > 1), the current kernel only: 32-column tiles, which won every
