@@ -49,7 +49,8 @@ def test_scheme_options_and_default_stage():
         {"scheme": "W4A16", "stages": [{"gptq": {"dampening": 0.1}}]},
         {"scheme": "W4A16", "options": {"granularity": "block"}},
         {"scheme": "NF4"},
-        {"scheme": "FP8", "stages": [{"gptq": {}}]},
+        {"scheme": "FP8", "stages": [{"awq": {}}]},
+        {"scheme": "FP8_BLOCK", "stages": [{"gptq": {}}]},
         {"scheme": "W4A16", "calibration": {"samples": 3}},
     ],
 )
