@@ -7,7 +7,7 @@ The baseline is slimserve/kernels/quant_gemm.py as committed at `--baseline` (re
 beside the working tree's; times are CUDA-graph replays with a cold L2 (benchmarks/quant_gemv.py's Timer).
 
 usage: python benchmarks/gemv_ab.py --baseline REV [--formats W4A16 W2A16-g64-asym] [--models llama-3.1-8b]
-           [--lm-head] [--block-n 32 64] [--warps 4 8] [--stages 1 2 3 4] [--out DIR]
+           [--lm-head] [--block-n 32 64] [--warps 4 8] [--stages 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--lm-head", action="store_true", help="also the output head's shape (a quantized head)")
     parser.add_argument("--block-n", nargs="+", type=int, default=[32, 64], help="column tiles tried")
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4], help="K-loop pipeline depths tried")
+    parser.add_argument(
+        "--stages", nargs="+", type=int, default=[1],
+        help="K-loop pipeline depths tried (above 1: faster alone, slower in the decode step so far)",
+    )  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
