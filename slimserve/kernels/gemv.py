@@ -56,6 +56,15 @@ if HAS_TRITON:
         return a, x
 
     @triton.jit
+    def _gemv_accumulate(acc, squares, w, x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n,
+                         NORM: tl.constexpr, SILU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+        """One K tile: the weight tile w times its activations added to acc, their squares to `squares` (NORM)."""
+        a, x = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM, SILU, HAS_RESIDUAL)
+        if NORM:
+            squares += x * x
+        return acc + w.to(tl.float32) * a[None, :], squares
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,
         res_ptr,
@@ -102,11 +111,8 @@ if HAS_TRITON:
                 cols = k0 + offs_k
                 mask_k = cols < K
                 w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                a, x = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM, SILU,
-                                   HAS_RESIDUAL)  # fmt: skip
-                if NORM:
-                    squares += x * x
-                acc += w.to(tl.float32) * a[None, :]
+                acc, squares = _gemv_accumulate(acc, squares, w, x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k,
+                                                K, pid_n, NORM, SILU, HAS_RESIDUAL)  # fmt: skip
         else:
             # Each weight tile is loaded one iteration ahead; the first needs nothing from the kernel before this
             # one, so it is on its way before the wait.
@@ -115,11 +121,8 @@ if HAS_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + offs_k
                 mask_k = cols < K
-                a, x = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k, K, pid_n, NORM, SILU,
-                                   HAS_RESIDUAL)  # fmt: skip
-                if NORM:
-                    squares += x * x
-                acc += w.to(tl.float32) * a[None, :]
+                acc, squares = _gemv_accumulate(acc, squares, w, x_ptr, res_ptr, res_out_ptr, norm_w_ptr, cols, mask_k,
+                                                K, pid_n, NORM, SILU, HAS_RESIDUAL)  # fmt: skip
                 ahead = cols + BLOCK_K
                 w = tl.load(w_rows + ahead[None, :], mask=mask_n[:, None] & (ahead < K)[None, :], other=0.0)
         y = tl.sum(acc, axis=1)

@@ -149,7 +149,7 @@ def _gptq(
     # Per-channel and per-tensor scales, and group scales under act-order, are fixed from the original weight.
     static = args.strategy != "group" or opts.actorder
     if args.strategy == "tensor":
-        scale[:] = qdq.qparams(*qdq.weight_range(W, args), args, dtype)[0]
+        scale[:] = qdq.qparams(*observers.weight_range(W, args, observer), args, dtype)[0]  # as rtn sets it
     elif static:
         for g in range(groups):
             s, z = _column_params(W[:, g * gs : (g + 1) * gs], args, dtype, observer)
